@@ -1,0 +1,24 @@
+"""lfmjax: parallel split learning in JAX, centred on LocFedMix-SL (Oh et al., WWW 2022).
+
+The public API for composing the round into your own JAX code:
+
+    cfg = lfmjax.RoundConfig(num_clients=10, batch_size=32, num_classes=10)
+    model = lfmjax.SplitModel(lower=..., upper=..., decoder=..., aux_head=..., name="mine")
+    state = lfmjax.init_state(cfg, model, jax.random.PRNGKey(0), x_example)
+    data = lfmjax.make_data(train_x_uint8, train_y, idx_CxM, sizes_C)
+    round_step = lfmjax.make_round_step(cfg, model)
+    state, metrics = round_step(state, data)
+"""
+from lfmjax import data
+from lfmjax.algorithms import ALGORITHMS, RoundConfig, round_config_from
+from lfmjax.evaluate import make_evaluate, pad_to_chunks
+from lfmjax.models import SplitModel, get_model
+from lfmjax.round import make_multi_step, make_round_step
+from lfmjax.state import RoundData, RoundState, init_state, make_data
+
+__all__ = [
+    "ALGORITHMS", "RoundConfig", "RoundData", "RoundState", "SplitModel", "data",
+    "get_model", "init_state", "make_data", "make_evaluate", "make_multi_step",
+    "make_round_step", "pad_to_chunks", "round_config_from",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""Algorithms as compositions of switches, and the frozen settings a round is built from.
+
+Every parallel split-learning algorithm in lfmjax is LocFedMix-SL's round (Oh et al.,
+WWW 2022) with some of its components switched off: `psl` is LocFedMix-SL without
+Loc, Fed and Mix. An algorithm name only fills in the switches the config leaves as
+`None`, so an ablation is a config (`--config.algorithm=psl --config.fed=True`), not code.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# The switches each algorithm turns on. `None` in a config means "the algorithm's".
+ALGORITHMS: dict[str, dict[str, bool]] = {
+    "psl": dict(loc=False, fed=False, mix=False),
+    "locfedmix": dict(loc=True, fed=True, mix=True),
+}
+
+ALGORITHM_HELP: dict[str, str] = {
+    "psl": "parallel SL: one server step on sum_k delta_k L_k, each client gets its own gradient",
+    "locfedmix": "LocFedMix-SL: PSL + local MI loss (Loc) + FedAvg of lowers (Fed) + SmashMix (Mix)",
+}
+
+OPTIMIZERS = ("sgd", "adam")
+NORMALIZATIONS = ("none", "pm1", "standard")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundConfig:
+  """Everything `make_round_step` needs, resolved and hashable (static under jit)."""
+  num_clients: int
+  batch_size: int
+  num_classes: int
+  # Loc: the local mutual-information regulariser (InfoPro's decoder loss).
+  local_loss: bool = True
+  local_loss_weight: float = 1.0          # mu
+  local_loss_kind: str = "bce"            # R: 'bce' (InfoPro) or 'mse'
+  local_ce_weight: float = 0.0            # InfoPro's I(s; y) term via the aux head
+  # Mix: SmashMix.
+  smashmix: bool = True
+  num_mixed: int = 1                      # n_s
+  mixup_alpha: float = 2.0                # lambda ~ Beta(alpha, alpha)
+  mix_grad_to_clients: bool = False
+  # Fed: FedAvg of the client segments.
+  fedavg: bool = True
+  fedavg_every: int = 1                   # T_c
+  fedavg_opt_state: bool = False
+  # Optimisers.
+  client_optimizer: str = "sgd"
+  client_lr: float = 0.01
+  server_optimizer: str = "sgd"
+  server_lr: float = 0.01
+  momentum: float = 0.0
+  # Input pipeline, applied on the device to the uint8 batch.
+  resize_to: int | None = None
+  channels: int | None = None
+  normalize: str = "none"
+  mean: tuple[float, ...] | None = None
+  std: tuple[float, ...] | None = None
+
+  @property
+  def uses_decoder(self) -> bool:
+    return self.local_loss
+
+  @property
+  def uses_aux_head(self) -> bool:
+    return self.local_ce_weight != 0.0
+
+
+def resolve_switches(config: Any) -> dict[str, bool]:
+  """The Loc/Fed/Mix switches: the config's where set, else the algorithm's."""
+  if config.algorithm not in ALGORITHMS:
+    raise ValueError(f"config.algorithm={config.algorithm!r} is unknown; use one of "
+                     f"{', '.join(sorted(ALGORITHMS))}")
+  defaults = ALGORITHMS[config.algorithm]
+  return {name: (defaults[name] if config.get(name) is None else bool(config.get(name)))
+          for name in ("loc", "fed", "mix")}
+
+
+def round_config_from(config: Any, num_classes: int) -> RoundConfig:
+  """Builds the frozen RoundConfig from an ml_collections config."""
+  switches = resolve_switches(config)
+  server_lr = config.server_lr
+  if server_lr is None:  # SGLR's SplitLr: eta_s = eta_c * C ** alpha_lr
+    server_lr = config.client_lr * config.num_clients ** config.server_lr_exponent
+  server_optimizer = config.server_optimizer or config.client_optimizer
+  return RoundConfig(
+      num_clients=config.num_clients,
+      batch_size=config.batch_size,
+      num_classes=num_classes,
+      local_loss=switches["loc"],
+      local_loss_weight=config.mu,
+      local_loss_kind=config.local_loss_kind,
+      local_ce_weight=config.local_ce_weight,
+      smashmix=switches["mix"],
+      num_mixed=config.num_mixed,
+      mixup_alpha=config.mixup_alpha,
+      mix_grad_to_clients=config.mix_grad_to_clients,
+      fedavg=switches["fed"],
+      fedavg_every=config.fedavg_every,
+      fedavg_opt_state=config.fedavg_opt_state,
+      client_optimizer=config.client_optimizer,
+      client_lr=config.client_lr,
+      server_optimizer=server_optimizer,
+      server_lr=float(server_lr),
+      momentum=config.momentum,
+      resize_to=config.input.resize_to,
+      channels=config.input.channels,
+      normalize=config.input.normalize,
+      mean=tuple(config.input.mean) if config.input.mean else None,
+      std=tuple(config.input.std) if config.input.std else None,
+  )

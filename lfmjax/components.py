@@ -1,0 +1,106 @@
+"""The pure components of parallel split learning, written for one client.
+
+LocFedMix-SL (Oh et al., "LocFedMix-SL: Localize, Federate, and Mix for Improved
+Scalability, Convergence, and Latency in Split Learning", WWW 2022) is a composition of
+a few small functions: the client forward, the local mutual-information regulariser
+("Localize", after InfoPro, Wang et al., ICLR 2021), the server's loss on real smashed
+data, SmashMix (manifold mixup across clients, "Mix") and FedAvg of the client segments
+("Federate"). Each function here takes one client's arrays; `round.py` lifts them with
+`jax.vmap` over the leading client axis. Shape suffixes name the axes: C clients,
+B batch, N mixed batches per client, K classes, S the smashed-data sample shape.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def cross_entropy(logits_BxK: jax.Array, labels_B: jax.Array) -> jax.Array:
+  """Mean cross-entropy against integer labels."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxK, labels_B).mean()
+
+
+def soft_cross_entropy(logits_BxK: jax.Array, targets_BxK: jax.Array) -> jax.Array:
+  """Mean cross-entropy against soft labels (SmashMix's mixed one-hots)."""
+  return optax.softmax_cross_entropy(logits_BxK, targets_BxK).mean()
+
+
+def reconstruction_loss(logits_BxHxWxC: jax.Array, x01_BxHxWxC: jax.Array,
+                        kind: str) -> jax.Array:
+  """InfoPro's reconstruction loss R(x, sigmoid(decoder(s))), a lower bound on I(x; s).
+
+  `kind="bce"` is binary cross-entropy against x in [0, 1] (InfoPro's choice, computed
+  from logits for stability); `kind="mse"` is the mean squared error of the sigmoid.
+  """
+  if kind == "bce":
+    return optax.sigmoid_binary_cross_entropy(logits_BxHxWxC, x01_BxHxWxC).mean()
+  if kind == "mse":
+    return jnp.mean((jax.nn.sigmoid(logits_BxHxWxC) - x01_BxHxWxC) ** 2)
+  raise ValueError(f"reconstruction loss kind {kind!r} is not 'bce' or 'mse'")
+
+
+def mix_partners(key: jax.Array, num_clients: int, num_mixed: int) -> jax.Array:
+  """Partner client j != k for each client k and mixed batch, drawn uniformly.
+
+  With one client the partner is the client itself (its batch is permuted anyway).
+  Returns int32 `partner_CxN`.
+  """
+  if num_clients == 1:
+    return jnp.zeros((1, num_mixed), jnp.int32)
+  offset_CxN = jax.random.randint(key, (num_clients, num_mixed), 1, num_clients)
+  return (jnp.arange(num_clients)[:, None] + offset_CxN) % num_clients
+
+
+def smashmix_one(key: jax.Array, s_BxS: jax.Array, y_B: jax.Array, partner_s_BxS: jax.Array,
+                 partner_y_B: jax.Array, num_classes: int, alpha: float):
+  """One SmashMix batch: mixes a client's smashed data with its partner's, permuted.
+
+  Per-sample lambda ~ Beta(alpha, alpha); s~ = lam s_k + (1-lam) s_j[perm] and the
+  same convex combination of the one-hot labels. Returns (s_mix_BxS, y_mix_BxK).
+  """
+  key_perm, key_lam = jax.random.split(key)
+  batch = s_BxS.shape[0]
+  perm_B = jax.random.permutation(key_perm, batch)
+  lam_B = jax.random.beta(key_lam, alpha, alpha, (batch,), dtype=s_BxS.dtype)
+  lam_s = lam_B.reshape((batch,) + (1,) * (s_BxS.ndim - 1))
+  s_mix = lam_s * s_BxS + (1.0 - lam_s) * partner_s_BxS[perm_B]
+  onehot = jax.nn.one_hot(y_B, num_classes, dtype=s_BxS.dtype)
+  partner_onehot = jax.nn.one_hot(partner_y_B[perm_B], num_classes, dtype=s_BxS.dtype)
+  y_mix = lam_B[:, None] * onehot + (1.0 - lam_B[:, None]) * partner_onehot
+  return s_mix, y_mix
+
+
+def smashmix(key: jax.Array, s_CxBxS: jax.Array, y_CxB: jax.Array, num_classes: int,
+             alpha: float, num_mixed: int):
+  """SmashMix for every client: `num_mixed` mixed batches each (manifold mixup, SPEC 4).
+
+  Returns (s_mix_CxNxBxS, y_mix_CxNxBxK). Random draws come from `key` alone, so the
+  result is a pure function of (key, s, y).
+  """
+  num_clients = s_CxBxS.shape[0]
+  key_partner, key_mix = jax.random.split(key)
+  partner_CxN = mix_partners(key_partner, num_clients, num_mixed)
+  keys_CxN = jax.random.split(key_mix, (num_clients, num_mixed))
+
+  def per_client(keys_N, s_BxS, y_B, partner_N):
+    def per_batch(k, j):
+      return smashmix_one(k, s_BxS, y_B, s_CxBxS[j], y_CxB[j], num_classes, alpha)
+    return jax.vmap(per_batch)(keys_N, partner_N)
+
+  return jax.vmap(per_client)(keys_CxN, s_CxBxS, y_CxB, partner_CxN)
+
+
+def weighted_mean(tree_C, weights_C: jax.Array):
+  """Tree-wise weighted mean over the leading client axis: sum_k w_k leaf_k."""
+  def mean(leaf):
+    w = weights_C.astype(leaf.dtype).reshape((-1,) + (1,) * (leaf.ndim - 1))
+    return jnp.sum(w * leaf, axis=0)
+  return jax.tree.map(mean, tree_C)
+
+
+def fedavg(tree_C, weights_C: jax.Array):
+  """FedAvg: every client's copy replaced by the delta-weighted mean (SPEC 8)."""
+  num_clients = weights_C.shape[0]
+  return jax.tree.map(lambda m: jnp.broadcast_to(m, (num_clients,) + m.shape),
+                      weighted_mean(tree_C, weights_C))

@@ -1,0 +1,63 @@
+"""The base configuration every file in `configs/` starts from.
+
+One field a line; `None` (a placeholder) means "derived": the algorithm's switch, the
+client's optimiser or learning rate, the run's seed. Override any field on the command
+line with `--config.FIELD=VALUE`.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # --- algorithm (see `python -m lfmjax.main --list`) ---
+  c.algorithm = "locfedmix"          # psl | locfedmix
+  c.loc = config_dict.placeholder(bool)  # local MI loss; None: the algorithm's
+  c.fed = config_dict.placeholder(bool)  # FedAvg of client segments; None: the algorithm's
+  c.mix = config_dict.placeholder(bool)  # SmashMix; None: the algorithm's
+  # --- data ---
+  c.dataset = "fashion_mnist"        # fashion_mnist | cifar10
+  c.data_dir = config_dict.placeholder(str)  # else $LFMJAX_DATA_DIR, system dirs, cache
+  c.download = True                  # try the official download if no local copy
+  c.partition = "iid"                # iid | dirichlet | shards | fixed
+  c.dirichlet_alpha = 0.5            # Dirichlet concentration (partition=dirichlet)
+  c.classes_per_client = 2           # classes a client sees (partition=shards)
+  c.samples_per_client = 1000        # samples a client holds (partition=fixed, SGLR)
+  c.partition_seed = config_dict.placeholder(int)  # None: seed
+  c.input = ml_collections.ConfigDict()
+  c.input.resize_to = config_dict.placeholder(int)  # square side; None: as stored
+  c.input.channels = config_dict.placeholder(int)   # repeat grey to 3; None: as stored
+  c.input.normalize = "none"         # none: [0,1] | pm1: [-1,1] | standard: (x-mean)/std
+  c.input.mean = config_dict.placeholder(tuple)     # per-channel, normalize=standard
+  c.input.std = config_dict.placeholder(tuple)      # per-channel, normalize=standard
+  # --- model ---
+  c.model = "bench_cnn"              # bench_cnn | resnet16 | vgg | tiny_cnn | mlp
+  c.model_overrides = ml_collections.ConfigDict()  # e.g. cut_stage for resnet16
+  # --- clients and components ---
+  c.num_clients = 10                 # C
+  c.batch_size = 32                  # B, per client per iteration
+  c.mu = 1.0                         # weight of the local MI loss in the client update
+  c.local_loss_kind = "bce"          # R: bce (InfoPro) | mse
+  c.local_ce_weight = 0.0            # aux-head CE weight (InfoPro's I(s;y) term)
+  c.num_mixed = 1                    # n_s, SmashMix batches per client
+  c.mixup_alpha = 2.0                # lambda ~ Beta(alpha, alpha)
+  c.mix_grad_to_clients = False      # let mixed samples' gradients reach the lowers
+  c.fedavg_every = 1                 # T_c, iterations between FedAvgs
+  c.fedavg_opt_state = False         # average client optimiser states too
+  # --- optimisation ---
+  c.client_optimizer = "sgd"         # sgd | adam
+  c.client_lr = 0.01                 # eta_c
+  c.server_optimizer = config_dict.placeholder(str)  # None: client_optimizer
+  c.server_lr = config_dict.placeholder(float)  # None: client_lr * C ** server_lr_exponent
+  c.server_lr_exponent = 0.0         # SGLR's SplitLr alpha_lr
+  c.momentum = 0.0                   # SGD momentum (both sides)
+  # --- run ---
+  c.seed = 0                         # model init, batches, mixup draws
+  c.num_iterations = 1000            # iterations (every client one mini-batch each)
+  c.steps_per_dispatch = 10          # iterations fused into one lax.scan dispatch
+  c.eval_every = 100                 # iterations between test evaluations
+  c.eval_clients = 20                # clients evaluated when lowers differ (0: all)
+  c.eval_chunk = 1000                # test samples per evaluation batch
+  return c

@@ -1,0 +1,80 @@
+"""Test accuracy of the composed split model, jitted over the whole test split (SPEC.md).
+
+With FedAvg the composed model is the delta-weighted average lower + the server's upper.
+Without it (`psl`) each client's own lower + the upper is evaluated and the mean over
+clients reported; with many clients a seeded subset of `eval_clients` of them.
+Evaluation uses BatchNorm running statistics.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lfmjax import components
+from lfmjax.algorithms import RoundConfig
+from lfmjax.data import preprocess
+from lfmjax.models import SplitModel, apply_module
+from lfmjax.state import RoundState
+
+
+def eval_client_ids(num_clients: int, eval_clients: int, seed: int) -> np.ndarray:
+  """The seeded subset of clients evaluated when their lowers differ (all if few)."""
+  if eval_clients <= 0 or eval_clients >= num_clients:
+    return np.arange(num_clients, dtype=np.int32)
+  rng = np.random.default_rng(seed)
+  return np.sort(rng.choice(num_clients, eval_clients, replace=False)).astype(np.int32)
+
+
+def pad_to_chunks(x: np.ndarray, y: np.ndarray, chunk: int):
+  """Pads the test split to whole chunks; returns (x_TxChunk..., y_TxChunk, mask)."""
+  n = len(y)
+  chunks = -(-n // chunk)
+  pad = chunks * chunk - n
+  x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+  y = np.concatenate([y, np.zeros((pad,), y.dtype)])
+  mask = np.arange(chunks * chunk) < n
+  return (x.reshape((chunks, chunk) + x.shape[1:]), y.reshape(chunks, chunk),
+          mask.reshape(chunks, chunk))
+
+
+def make_evaluate(cfg: RoundConfig, model: SplitModel, *, chunk: int = 1000):
+  """Returns `evaluate(state, weights_C, client_ids, test) -> {'accuracy', 'loss'}`.
+
+  `test` is `(x_TxChunk uint8, y_TxChunk, mask_TxChunk)` from `pad_to_chunks`.
+  """
+
+  def logits_of(lower_vars, upper_vars, x_uint8):
+    x_model, _ = preprocess(x_uint8, resize_to=cfg.resize_to, channels=cfg.channels,
+                            normalize=cfg.normalize, mean=cfg.mean, std=cfg.std)
+    s, _ = apply_module(model.lower, lower_vars, x_model, train=False)
+    logits, _ = apply_module(model.upper, upper_vars, s, train=False)
+    return logits
+
+  def score(lower_vars, upper_vars, test):
+    """Summed correct and summed loss over the (masked) test split."""
+    def chunk_score(args):
+      x, y, mask = args
+      logits = logits_of(lower_vars, upper_vars, x)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      return (jnp.sum(mask * (jnp.argmax(logits, -1) == y)), jnp.sum(mask * loss))
+    correct, loss = jax.lax.map(chunk_score, test)
+    return correct.sum(), loss.sum()
+
+  @jax.jit
+  def evaluate(state: RoundState, weights_C, client_ids, test):
+    clients, server = state.clients, state.server
+    upper_vars = {"params": server.params, **server.stats}
+    lower_C = {"params": clients.params["lower"], **clients.stats["lower"]}
+    n = jnp.sum(test[2])
+    if cfg.fedavg:
+      lower = components.weighted_mean(lower_C, weights_C)
+      correct, loss = score(lower, upper_vars, test)
+    else:
+      lower_E = jax.tree.map(lambda a: a[client_ids], lower_C)
+      correct_E, loss_E = jax.lax.map(lambda lv: score(lv, upper_vars, test), lower_E)
+      correct, loss = correct_E.mean(), loss_E.mean()
+    return {"accuracy": correct / n, "loss": loss / n}
+
+  return evaluate

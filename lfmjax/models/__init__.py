@@ -1,0 +1,90 @@
+"""The model zoo: split models for LocFedMix-SL (Oh et al., WWW 2022) and its baselines.
+
+`get_model(name, num_classes=K, input_shape=(H, W, C), **overrides)` returns a
+`SplitModel` of four flax.linen modules (lower, upper, decoder, aux_head), each called
+as `module.apply(variables, x, train=...)` on NHWC float32 inputs. Input feature counts
+are inferred at init, so every model accepts any reasonable input size.
+
+  bench_cnn  the torch benchmark peer's CNN (bench/torch_reference.py)
+  resnet16   SGLR's InfoPro-style CIFAR ResNet (Pal et al. 2021); override cut_stage
+  vgg        reduced-width VGG-style CIFAR model; overrides cut, batch_norm, widths
+  tiny_cnn   one conv layer; for fast tests
+  mlp        dense 128 | dense K; for fast tests
+
+Every conv model takes the override `conv_impl`: 'patch' (default; im2col + matmul,
+`patch_conv.PatchConv`, the fast choice when convolutions are vmapped over per-client
+weights on CPU) or 'lax' (flax's nn.Conv). Variables are the same for both.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from lfmjax.models import bench_cnn, resnet, small, vgg
+from lfmjax.models.layers import CONV_IMPLS, AuxHead, Decoder, bilinear_resize
+from lfmjax.models.util import (SEGMENTS, SplitModel, apply_module, init_split,
+                                param_count, smashed_shape)
+
+# name -> (builder, default overrides). Builders take (num_classes, input_shape, **opts).
+_REGISTRY: dict[str, tuple[Callable[..., SplitModel], dict[str, Any]]] = {
+    "bench_cnn": (bench_cnn.build, bench_cnn.DEFAULTS),
+    "resnet16": (resnet.build, resnet.DEFAULTS),
+    "vgg": (vgg.build, vgg.DEFAULTS),
+    "tiny_cnn": (small.build_tiny, small.TINY_DEFAULTS),
+    "mlp": (small.build_mlp, small.MLP_DEFAULTS),
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# Overrides that take one of a few strings.
+_CHOICES = {"conv_impl": CONV_IMPLS}
+
+
+def _check_value(name: str, field: str, default: Any, value: Any) -> Any:
+  """Coerces an override to its default's type, or raises naming the field."""
+  def bad(expected: str):
+    return ValueError(f"{name}: override {field}={value!r} must be {expected}")
+  if isinstance(default, bool):
+    if not isinstance(value, bool):
+      raise bad("a bool")
+    return value
+  if isinstance(default, int):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise bad("a positive int")
+    return value
+  if isinstance(default, tuple):
+    if not isinstance(value, (tuple, list)):  # ConfigDicts may hand over lists
+      raise bad("a tuple")
+    return tuple(value)
+  if field in _CHOICES and value not in _CHOICES[field]:
+    raise bad(f"one of {', '.join(_CHOICES[field])}")
+  return value
+
+
+def _resolve(name: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> dict:
+  unknown = sorted(set(overrides) - set(defaults))
+  if unknown:
+    raise ValueError(f"{name}: unknown override(s) {', '.join(unknown)}; "
+                     f"valid: {', '.join(sorted(defaults))}")
+  opts = dict(defaults)
+  for field, value in overrides.items():
+    opts[field] = _check_value(name, field, defaults[field], value)
+  return opts
+
+
+def get_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int],
+              **overrides) -> SplitModel:
+  """The split model `name` for K = `num_classes` and model inputs of (H, W, C).
+
+  Raises ValueError for an unknown name, a bad override, or a bad shape.
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"{name}: num_classes={num_classes!r} must be a positive int")
+  input_shape = tuple(input_shape)
+  if len(input_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in input_shape):
+    raise ValueError(f"{name}: input_shape={input_shape!r} must be (H, W, C) positive ints")
+  builder, defaults = _REGISTRY[name]
+  return builder(num_classes, input_shape, **_resolve(name, defaults, overrides))
+
+
+__all__ = ["AuxHead", "Decoder", "MODEL_NAMES", "SEGMENTS", "SplitModel", "apply_module",
+           "bilinear_resize", "get_model", "init_split", "param_count", "smashed_shape"]

@@ -1,0 +1,75 @@
+"""The split-model container and the pure helpers the round uses to initialise and
+apply its segments."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+# The order in which `init_split` splits its key; fixed so inits are reproducible.
+SEGMENTS = ("lower", "upper", "decoder", "aux_head")
+
+
+class SplitModel(NamedTuple):
+  """A model cut at the cut layer (LocFedMix-SL, Oh et al., WWW 2022).
+
+  lower:    x_BxHxWxC -> s (smashed data), held by each client.
+  upper:    s -> logits_BxK, held by the server.
+  decoder:  s -> reconstruction logits with the input's H, W, C (local MI loss).
+  aux_head: s -> logits_BxK (LocSplitFed's local classifier, InfoPro's I(s; y)).
+  """
+  lower: nn.Module
+  upper: nn.Module
+  decoder: nn.Module
+  aux_head: nn.Module
+  name: str
+
+
+def init_split(model: SplitModel, key: jax.Array, x_example_BxHxWxC: jax.Array
+               ) -> dict[str, dict]:
+  """Flax variables of all four segments: {'lower', 'upper', 'decoder', 'aux_head'}.
+
+  The key is split into one key per segment in `SEGMENTS` order. Only the shape of
+  the example matters; the heads are initialised on zeros of the smashed shape.
+  """
+  keys = dict(zip(SEGMENTS, jax.random.split(key, len(SEGMENTS))))
+  x = jnp.zeros((1,) + tuple(x_example_BxHxWxC.shape[1:]), jnp.float32)
+  variables = {"lower": model.lower.init(keys["lower"], x, train=False)}
+  s_shape = jax.eval_shape(
+      lambda v, x: model.lower.apply(v, x, train=False), variables["lower"], x)
+  s = jnp.zeros(s_shape.shape, s_shape.dtype)
+  for name in SEGMENTS[1:]:
+    variables[name] = getattr(model, name).init(keys[name], s, train=False)
+  return variables
+
+
+def apply_module(module: nn.Module, variables: dict, x: jax.Array, *, train: bool
+                 ) -> tuple[jax.Array, dict]:
+  """Applies a segment; returns (output, new_variables).
+
+  With `train` and a 'batch_stats' collection, BatchNorm normalises over the batch and
+  the returned variables carry the updated running statistics; otherwise the variables
+  come back unchanged. Pure: safe under jit, grad and vmap.
+  """
+  if train and "batch_stats" in variables:
+    out, mutated = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    return out, {**variables, **mutated}
+  return module.apply(variables, x, train=train), variables
+
+
+def smashed_shape(model: SplitModel, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of the smashed data of one sample (no batch axis), without computing it."""
+  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+
+  def forward(x):
+    variables = model.lower.init(jax.random.key(0), x, train=False)
+    return model.lower.apply(variables, x, train=False)
+
+  return tuple(jax.eval_shape(forward, x).shape[1:])
+
+
+def param_count(tree: Any) -> int:
+  """Number of scalars in a pytree (e.g. a variables dict or its 'params')."""
+  return sum(int(a.size) for a in jax.tree.leaves(tree))

@@ -1,0 +1,199 @@
+"""One LocFedMix-SL iteration for all clients as a single jitted XLA program.
+
+`make_round_step(cfg, model)` returns `round_step(state, data) -> (state, metrics)`
+computing, per SPEC.md and Oh et al. (WWW 2022):
+
+  1. each client's mini-batch, sampled on the device from (key, step);
+  2. client forward s_k = lower(w_c,k, x_k), vmapped over clients;
+  3. the local MI loss L^_k of the client's decoder (Loc), and its gradients;
+  4. the server loss sum_k delta_k (L_k + L~_k) on real smashed data and on SmashMix
+     batches (Mix), one server update;
+  5. the download g_k = dL_k/ds_k (the gradient of the client's own mean loss);
+  6. the client update opt_c(VJP_lower(g_k) + mu dL^_k/ds_k);
+  7. FedAvg of the client segments every T_c iterations (Fed).
+
+PSL is the same function with Loc, Fed and Mix off.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lfmjax import components
+from lfmjax.algorithms import RoundConfig
+from lfmjax.data import batch_indices, preprocess
+from lfmjax.models import SplitModel, apply_module
+from lfmjax.state import (ClientState, RoundData, RoundState, ServerState,
+                          client_optimizer, server_optimizer)
+
+# fold_in tags: one independent stream of randomness per purpose.
+TAG_BATCH, TAG_MIX = 0, 1
+
+
+def _apply(module, params, stats, x, train: bool):
+  """Applies a flax module; returns (output, updated non-param collections)."""
+  out, variables = apply_module(module, {"params": params, **stats}, x, train=train)
+  new_stats = {k: v for k, v in variables.items() if k != "params"}
+  return out, new_stats
+
+
+def sample_batch(cfg: RoundConfig, state: RoundState, data: RoundData):
+  """Every client's mini-batch for this step: (x_model, x01, y), each C x B x ...."""
+  idx_CxB = batch_indices(jax.random.fold_in(state.key, TAG_BATCH), state.step,
+                          data.idx_CxM, data.sizes_C, cfg.batch_size)
+  x_model, x01 = preprocess(data.train_x[idx_CxB], resize_to=cfg.resize_to,
+                            channels=cfg.channels, normalize=cfg.normalize,
+                            mean=cfg.mean, std=cfg.std)
+  return x_model, x01, data.train_y[idx_CxB]
+
+
+def make_client_forward(cfg: RoundConfig, model: SplitModel):
+  """Per client: s, the VJP of the lower, and the local losses with their gradients."""
+
+  def local_losses(s, params, stats, x01, y):
+    """Gradients of the local terms w.r.t. s and the client-side heads."""
+    zeros_s = jnp.zeros_like(s)
+    grads = {"decoder": jax.tree.map(jnp.zeros_like, params["decoder"]),
+             "aux_head": jax.tree.map(jnp.zeros_like, params["aux_head"])}
+    new_stats = {"decoder": stats["decoder"], "aux_head": stats["aux_head"]}
+    ds, loss_local, loss_aux = zeros_s, jnp.zeros(()), jnp.zeros(())
+    if cfg.uses_decoder:
+      def rec(s, p):
+        logits, st = _apply(model.decoder, p, stats["decoder"], s, train=True)
+        return components.reconstruction_loss(logits, x01, cfg.local_loss_kind), st
+      (loss_local, new_stats["decoder"]), (ds_rec, grads["decoder"]) = jax.value_and_grad(
+          rec, argnums=(0, 1), has_aux=True)(s, params["decoder"])
+      ds = ds + cfg.local_loss_weight * ds_rec
+    if cfg.uses_aux_head:
+      def aux(s, p):
+        logits, st = _apply(model.aux_head, p, stats["aux_head"], s, train=True)
+        return components.cross_entropy(logits, y), st
+      (loss_aux, new_stats["aux_head"]), (ds_aux, grads["aux_head"]) = jax.value_and_grad(
+          aux, argnums=(0, 1), has_aux=True)(s, params["aux_head"])
+      ds = ds + cfg.local_ce_weight * ds_aux
+    return ds, grads, new_stats, loss_local, loss_aux
+
+  def client_forward(params, stats, x_model, x01, y):
+    def lower(p):
+      return _apply(model.lower, p, stats["lower"], x_model, train=True)
+    s, lower_vjp, lower_stats = jax.vjp(lower, params["lower"], has_aux=True)
+    ds_local, head_grads, head_stats, loss_local, loss_aux = local_losses(
+        jax.lax.stop_gradient(s), params, stats, x01, y)
+    new_stats = {"lower": lower_stats, **head_stats}
+    return s, lower_vjp, ds_local, head_grads, new_stats, loss_local, loss_aux
+
+  return client_forward
+
+
+def make_server_loss(cfg: RoundConfig, model: SplitModel):
+  """sum_k delta_k (L_k + L~_k) as a function of (upper params, s_CxBxS)."""
+
+  def server_loss(params, stats, s_CxBxS, y_CxB, weights_C, key_mix):
+    num_clients, batch = y_CxB.shape
+    flat_s = s_CxBxS.reshape((num_clients * batch,) + s_CxBxS.shape[2:])
+    # The server normalises over the concatenated batch it receives (BatchNorm).
+    logits, new_stats = _apply(model.upper, params, stats, flat_s, train=True)
+    logits_CxBxK = logits.reshape(num_clients, batch, -1)
+    loss_C = jax.vmap(components.cross_entropy)(logits_CxBxK, y_CxB)
+    loss_real = jnp.sum(weights_C * loss_C)
+    correct = jnp.mean(jnp.argmax(logits_CxBxK, -1) == y_CxB)
+    loss_mix = jnp.zeros(())
+    if cfg.smashmix:
+      s_src = s_CxBxS if cfg.mix_grad_to_clients else jax.lax.stop_gradient(s_CxBxS)
+      s_mix, y_mix = components.smashmix(key_mix, s_src, y_CxB, cfg.num_classes,
+                                         cfg.mixup_alpha, cfg.num_mixed)
+      n = cfg.num_mixed
+      # Mixed batches are normalised by their own statistics; the running
+      # statistics follow the real batch alone.
+      mix_logits, _ = _apply(model.upper, params, stats,
+                             s_mix.reshape((-1,) + s_CxBxS.shape[2:]), train=True)
+      mix_loss_CxN = jax.vmap(jax.vmap(components.soft_cross_entropy))(
+          mix_logits.reshape(num_clients, n, batch, -1), y_mix)
+      loss_mix = jnp.sum(weights_C * mix_loss_CxN.mean(axis=1))
+    total = loss_real + loss_mix
+    return total, (new_stats, loss_real, loss_mix, correct)
+
+  return server_loss
+
+
+def make_round_step(cfg: RoundConfig, model: SplitModel, *, jit: bool = True
+                    ) -> Callable[[RoundState, RoundData], tuple[RoundState, dict]]:
+  """Returns `round_step(state, data) -> (state, metrics)`: one iteration, all clients.
+
+  With `jit=True` (default) the function is jitted with the state donated; it is
+  traced once for a run, since nothing in it depends on Python values of the state.
+  """
+  client_forward = make_client_forward(cfg, model)
+  server_loss = make_server_loss(cfg, model)
+  opt_c, opt_s = client_optimizer(cfg), server_optimizer(cfg)
+
+  def client_update(params, opt_state, lower_vjp, g, ds_local, head_grads):
+    (lower_grad,) = lower_vjp(g + ds_local)
+    grads = {"lower": lower_grad, **head_grads}
+    updates, opt_state = opt_c.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def average_clients(clients: ClientState, weights_C) -> ClientState:
+    params = components.fedavg(clients.params, weights_C)
+    stats = components.fedavg(clients.stats, weights_C)
+    opt_state = (components.fedavg(clients.opt_state, weights_C)
+                 if cfg.fedavg_opt_state else clients.opt_state)
+    return ClientState(params, stats, opt_state)
+
+  def round_step(state: RoundState, data: RoundData):
+    x_model, x01, y_CxB = sample_batch(cfg, state, data)
+    clients, server = state.clients, state.server
+
+    s_CxBxS, lower_vjp, ds_local, head_grads, new_client_stats, loss_local_C, loss_aux_C = (
+        jax.vmap(client_forward)(clients.params, clients.stats, x_model, x01, y_CxB))
+
+    key_mix = jax.random.fold_in(jax.random.fold_in(state.key, TAG_MIX), state.step)
+    (_, (server_stats, loss_real, loss_mix, train_acc)), (server_grads, ds_CxBxS) = (
+        jax.value_and_grad(server_loss, argnums=(0, 2), has_aux=True)(
+            server.params, server.stats, s_CxBxS, y_CxB, data.weights_C, key_mix))
+    server_updates, server_opt = opt_s.update(server_grads, server.opt_state, server.params)
+    new_server = ServerState(optax.apply_updates(server.params, server_updates),
+                             server_stats, server_opt)
+
+    # Download: the gradient of client k's own mean loss, d(sum_j delta_j L_j)/ds_k / delta_k.
+    w_shape = (-1,) + (1,) * (ds_CxBxS.ndim - 1)
+    g_CxBxS = ds_CxBxS / data.weights_C.reshape(w_shape).astype(ds_CxBxS.dtype)
+
+    new_params, new_opt = jax.vmap(client_update)(
+        clients.params, clients.opt_state, lower_vjp, g_CxBxS, ds_local, head_grads)
+    new_clients = ClientState(new_params, new_client_stats, new_opt)
+    if cfg.fedavg:
+      do_average = (state.step + 1) % cfg.fedavg_every == 0
+      new_clients = jax.lax.cond(do_average, average_clients, lambda c, w: c,
+                                 new_clients, data.weights_C)
+
+    metrics = {
+        "loss_real": loss_real,
+        "loss_mix": loss_mix,
+        "loss_local": jnp.sum(data.weights_C * loss_local_C),
+        "loss_aux": jnp.sum(data.weights_C * loss_aux_C),
+        "train_accuracy": train_acc,
+    }
+    new_state = RoundState(step=state.step + 1, key=state.key, clients=new_clients,
+                           server=new_server)
+    return new_state, metrics
+
+  if jit:
+    return jax.jit(round_step, donate_argnums=0)
+  return round_step
+
+
+def make_multi_step(round_step, num_steps: int, *, jit: bool = True):
+  """`num_steps` iterations in one dispatch (lax.scan); metrics stacked on axis 0."""
+
+  def multi_step(state: RoundState, data: RoundData):
+    def body(state, _):
+      return round_step(state, data)
+    return jax.lax.scan(body, state, None, length=num_steps)
+
+  if jit:
+    return jax.jit(multi_step, donate_argnums=0)
+  return multi_step

@@ -1,0 +1,118 @@
+"""The run state of a split-learning simulation as pytrees, and its constructor.
+
+Per-client arrays carry a leading client axis C (the lower segment, the decoder, the
+auxiliary head and their optimiser states); the server's upper segment has none. The
+state is a pure value: `round_step` maps it to the next one (LocFedMix-SL, Oh et al.,
+WWW 2022).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lfmjax.algorithms import RoundConfig
+from lfmjax.models import SplitModel, init_split
+
+CLIENT_MODULES = ("lower", "decoder", "aux_head")
+
+
+@flax.struct.dataclass
+class ClientState:
+  """Every client's segments, stacked: leaves are C x ...."""
+  params: dict  # {'lower', 'decoder', 'aux_head'} -> flax params
+  stats: dict   # the same keys -> non-trainable collections (BatchNorm's batch_stats)
+  opt_state: Any
+
+
+@flax.struct.dataclass
+class ServerState:
+  params: Any
+  stats: dict
+  opt_state: Any
+
+
+@flax.struct.dataclass
+class RoundState:
+  step: jax.Array     # int32 scalar: iterations done
+  key: jax.Array      # the run's PRNG key; every draw is fold_in(key, tag, step)
+  clients: ClientState
+  server: ServerState
+
+
+@flax.struct.dataclass
+class RoundData:
+  """What a round reads: the whole train split on the device and the partition."""
+  train_x: jax.Array   # uint8 N x H x W x C
+  train_y: jax.Array   # int32 N
+  idx_CxM: jax.Array   # int32 per-client index table (padded)
+  sizes_C: jax.Array   # int32 |D_k|
+  weights_C: jax.Array  # float32 delta_k = |D_k| / sum_j |D_j|
+
+
+def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0):
+  """An optax optimiser by name: SGD (with optional momentum) or Adam."""
+  if name == "sgd":
+    return optax.sgd(learning_rate, momentum=momentum or None)
+  if name == "adam":
+    return optax.adam(learning_rate)
+  raise ValueError(f"optimizer {name!r} is unknown; use 'sgd' or 'adam'")
+
+
+def client_optimizer(cfg: RoundConfig):
+  return make_optimizer(cfg.client_optimizer, cfg.client_lr, cfg.momentum)
+
+
+def server_optimizer(cfg: RoundConfig):
+  return make_optimizer(cfg.server_optimizer, cfg.server_lr, cfg.momentum)
+
+
+def split_variables(variables: dict) -> tuple[Any, dict]:
+  """Flax variables -> (params, the other collections)."""
+  variables = dict(variables)
+  return variables.pop("params", {}), variables
+
+
+def stack_clients(tree, num_clients: int):
+  """Copies one client's tree to all C clients (all start from the same model)."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients,) + a.shape), tree)
+
+
+def make_data(train_x: np.ndarray, train_y: np.ndarray, idx_CxM: np.ndarray,
+              sizes_C: np.ndarray) -> RoundData:
+  """Puts the train split and the partition on the device."""
+  sizes = np.asarray(sizes_C, np.int64)
+  return RoundData(
+      train_x=jnp.asarray(train_x, jnp.uint8),
+      train_y=jnp.asarray(train_y, jnp.int32),
+      idx_CxM=jnp.asarray(idx_CxM, jnp.int32),
+      sizes_C=jnp.asarray(sizes, jnp.int32),
+      weights_C=jnp.asarray(sizes / sizes.sum(), jnp.float32))
+
+
+def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,
+               x_example: jax.Array) -> RoundState:
+  """The initial state: every client holds the same freshly initialised segments.
+
+  `x_example` is one model-input batch (B x H x W x C, float) used only for shapes.
+  """
+  key_model, key_run = jax.random.split(key)
+  variables = init_split(model, key_model, x_example)
+  client_params, client_stats = {}, {}
+  for name in CLIENT_MODULES:
+    params, stats = split_variables(variables[name])
+    client_params[name] = stack_clients(params, cfg.num_clients)
+    client_stats[name] = stack_clients(stats, cfg.num_clients)
+  opt_c = client_optimizer(cfg)
+  client_opt = jax.vmap(opt_c.init)(client_params)
+  server_params, server_stats = split_variables(variables["upper"])
+  server_opt = server_optimizer(cfg).init(server_params)
+  return RoundState(
+      step=jnp.zeros((), jnp.int32),
+      key=key_run,
+      clients=ClientState(client_params, client_stats, client_opt),
+      server=ServerState(server_params, server_stats, server_opt))
