@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = "fashion_mnist"        # fashion_mnist | cifar10
   c.data_dir = config_dict.placeholder(str)  # else $LFMJAX_DATA_DIR, system dirs, cache
   c.download = True                  # try the official download if no local copy
+  c.data_verify = True               # check the official checksums and counts (False: subsets)
   c.partition = "iid"                # iid | dirichlet | shards | fixed
   c.dirichlet_alpha = 0.5            # Dirichlet concentration (partition=dirichlet)
   c.classes_per_client = 2           # classes a client sees (partition=shards)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lfmjax import algorithms
@@ -30,6 +30,7 @@ def listing() -> str:
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)  # hides JAX's backend-probing INFO lines
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _LIST.value:

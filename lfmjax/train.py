@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lfmjax import algorithms
-from lfmjax.data import client_table, load_dataset, make_partition, preprocess
+from lfmjax.data import PARTITIONS, client_table, load_dataset, make_partition, preprocess
 from lfmjax.evaluate import eval_client_ids, make_evaluate, pad_to_chunks
-from lfmjax.models import get_model
+from lfmjax.models import MODEL_NAMES, get_model
 from lfmjax.round import make_multi_step, make_round_step
 from lfmjax.state import RoundState, init_state, make_data
 
@@ -38,6 +38,8 @@ def validate(config) -> None:
       raise ConfigError(f"config.{field}={config.get(field)!r}: {fix}")
   need(config.algorithm in algorithms.ALGORITHMS, "algorithm",
        f"use one of {', '.join(sorted(algorithms.ALGORITHMS))}")
+  need(config.model in MODEL_NAMES, "model", f"use one of {', '.join(MODEL_NAMES)}")
+  need(config.partition in PARTITIONS, "partition", f"use one of {', '.join(PARTITIONS)}")
   need(config.num_clients >= 1, "num_clients", "must be at least 1")
   need(config.batch_size >= 1, "batch_size", "must be at least 1")
   need(config.client_optimizer in algorithms.OPTIMIZERS, "client_optimizer",
@@ -160,13 +162,18 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
       f.write(config.to_json(indent=2))
   log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
 
-  dataset = load_dataset(config.dataset, config.data_dir, download=config.download)
+  dataset = load_dataset(config.dataset, config.data_dir, download=config.download,
+                         verify=config.data_verify)
   seed = config.seed
   partition_seed = seed if config.partition_seed is None else config.partition_seed
-  parts = make_partition(config.partition, dataset.train_y, config.num_clients,
-                         partition_seed, alpha=config.dirichlet_alpha,
-                         classes_per_client=config.classes_per_client,
-                         per_client=config.samples_per_client)
+  try:
+    parts = make_partition(config.partition, dataset.train_y, config.num_clients,
+                           partition_seed, alpha=config.dirichlet_alpha,
+                           classes_per_client=config.classes_per_client,
+                           per_client=config.samples_per_client)
+  except ValueError as e:
+    raise ConfigError(f"config.partition={config.partition!r} with "
+                      f"num_clients={config.num_clients}: {e}") from None
   idx_CxM, sizes_C = client_table(parts)
   if int(sizes_C.min()) < config.batch_size:
     raise ConfigError(f"config.batch_size={config.batch_size} is larger than the smallest "
@@ -174,8 +181,11 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
                       f"num_clients")
   cfg = algorithms.round_config_from(config, dataset.num_classes)
   input_shape = model_input_shape(config, dataset.train_x.shape[1:])
-  model = get_model(config.model, num_classes=dataset.num_classes, input_shape=input_shape,
-                    **config.model_overrides.to_dict())
+  try:
+    model = get_model(config.model, num_classes=dataset.num_classes,
+                      input_shape=input_shape, **config.model_overrides.to_dict())
+  except ValueError as e:
+    raise ConfigError(f"config.model={config.model!r} / config.model_overrides: {e}") from None
   data = make_data(dataset.train_x, dataset.train_y, idx_CxM, sizes_C)
   x_example, _ = preprocess(jnp.asarray(dataset.train_x[:config.batch_size]),
                             resize_to=cfg.resize_to, channels=cfg.channels,
@@ -213,10 +223,10 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
     n = chunk if todo >= chunk else 1
     t0 = time.perf_counter()
     state, metrics = (multi_step if n == chunk else single_step)(state, data)
-    train_window.append(metrics)
+    # Waiting for each dispatch keeps the progress line honest (dispatch is async).
+    train_window.append(jax.device_get(metrics))
     step += n
     if compile_s is None:
-      jax.block_until_ready(state.step)
       compile_s = time.perf_counter() - t0
     if step % config.eval_every == 0 or step == config.num_iterations:
       record = evaluation_record(evaluate, state, data, client_ids, test, train_window,
@@ -224,15 +234,15 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
       train_window = []
       last_acc = record["test_accuracy"]
       writer.write(record)
-      progress.close() if progress.tty else None
+      progress.close()  # ends the TTY's progress line before the evaluation line
       log(f"iter {record['iteration']:>6} | epoch {record['epoch']:7.2f} | test acc "
           f"{100 * last_acc:6.2f}% | test loss {record['test_loss']:.4f} | L {record['loss_real']:.4f} "
           f"L~ {record['loss_mix']:.4f} L^ {record['loss_local']:.4f}")
     progress.update(step, last_acc)
   progress.update(step, last_acc, force=True)
   progress.close()
-  writer.finish()
   train_s = time.perf_counter() - t_train
+  writer.finish()
   summary = {
       "type": "summary",
       "algorithm": config.algorithm,
@@ -257,7 +267,7 @@ def evaluation_record(evaluate, state: RoundState, data, client_ids, test, train
                       iters_per_epoch: int, wall_s: float) -> dict[str, Any]:
   result = jax.device_get(evaluate(state, data.weights_C, client_ids, test))
   step = int(state.step)
-  train = mean_metrics(jax.tree.map(lambda *a: jnp.concatenate(a), *train_window)
+  train = mean_metrics(jax.tree.map(lambda *a: np.concatenate(a), *train_window)
                        ) if train_window else {}
   return {"type": "eval", "iteration": step, "epoch": round(step / iters_per_epoch, 4),
           "test_accuracy": float(result["accuracy"]), "test_loss": float(result["loss"]),

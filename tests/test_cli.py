@@ -1,0 +1,161 @@
+"""The command line and whole runs: a few iterations end to end, errors, and learning.
+
+Real-data tests read Fashion-MNIST from the shared data beside the checkout
+(`LFMJAX_TEST_SHARED_DATA`, default `../shared/data`) or Debian's system copy, and skip
+with a reason when neither is there.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LFMJAX_TEST_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def fmnist_dir() -> Path | None:
+  for place in (SHARED / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")):
+    if (place / "train-images-idx3-ubyte.gz").exists():
+      return place
+  return None
+
+
+needs_fmnist = pytest.mark.skipif(fmnist_dir() is None,
+                                  reason="Fashion-MNIST not found in shared data or "
+                                         "/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+  dims = array.shape
+  header = struct.pack(">BBBB", 0, 0, 0x08, len(dims)) + struct.pack(f">{len(dims)}I", *dims)
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def synthetic_fmnist(tmp_path) -> Path:
+  """A small idx-format dataset whose class is visible in the image (learnable)."""
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 600), ("t10k", 200)):
+    y = rng.integers(0, 10, n).astype(np.uint8)
+    x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+    for i, label in enumerate(y):
+      x[i, 2 * label:2 * label + 3, :] = 250
+    write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", x)
+    write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", y)
+  return tmp_path
+
+
+def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 300):
+  env = dict(os.environ)
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, "-m", "lfmjax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+TINY = ["--config.model=tiny_cnn", "--config.num_clients=3", "--config.batch_size=8",
+        "--config.num_iterations=6", "--config.eval_every=3", "--config.steps_per_dispatch=2",
+        "--config.data_verify=False"]
+
+
+def test_cli_runs_a_few_iterations_and_writes_results(synthetic_fmnist, tmp_path):
+  workdir = tmp_path / "run"
+  result = run_cli("--config=configs/fmnist.py", f"--config.data_dir={synthetic_fmnist}",
+                   *TINY, f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  evals = [r for r in records if r["type"] == "eval"]
+  assert [r["iteration"] for r in evals] == [3, 6]
+  assert all(0.0 <= r["test_accuracy"] <= 1.0 and np.isfinite(r["loss_real"]) for r in evals)
+  assert records[-1]["type"] == "summary" and records[-1]["iterations"] == 6
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["num_clients"] == 3 and config["model"] == "tiny_cnn"
+  assert (workdir / "eval.csv").read_text().startswith("iteration,epoch,test_accuracy")
+  assert (workdir / "accuracy.png").stat().st_size > 0
+  assert "it/s" in result.stderr and "ETA" in result.stderr
+  assert "test acc" in result.stdout and "done: 6 iterations" in result.stdout
+
+
+def test_cli_psl_config_runs(synthetic_fmnist, tmp_path):
+  result = run_cli("--config=configs/psl.py", f"--config.data_dir={synthetic_fmnist}", *TINY)
+  assert result.returncode == 0, result.stderr
+  assert "psl (loc=False, fed=False, mix=False)" in result.stdout
+
+
+def test_cli_lists_algorithms_and_switches():
+  result = run_cli("--list")
+  assert result.returncode == 0
+  for word in ("psl", "locfedmix", "loc ", "fed ", "mix "):
+    assert word in result.stdout
+
+
+@pytest.mark.parametrize("override,field", [
+    ("--config.algorithm=nope", "config.algorithm"),
+    ("--config.client_optimizer=rmsprop", "config.client_optimizer"),
+    ("--config.batch_size=1000", "config.batch_size"),
+    ("--config.model=resnet99", "model"),
+])
+def test_cli_bad_config_is_one_line_exit_2(synthetic_fmnist, override, field):
+  result = run_cli("--config=configs/fmnist.py", f"--config.data_dir={synthetic_fmnist}",
+                   *TINY, override)
+  assert result.returncode == 2, result.stderr
+  error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(error) == 1 and field in error[0], result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_cli_missing_dataset_says_where_and_how(tmp_path):
+  """CIFAR-10 has no system-wide copy, so an empty data_dir and cache leave it missing."""
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  result = run_cli("--config=configs/cifar.py", f"--config.data_dir={empty}",
+                   "--config.download=False",
+                   env_extra={"LFMJAX_CACHE_DIR": str(tmp_path / "cache"),
+                              "LFMJAX_DATA_DIR": str(empty)})
+  assert result.returncode == 2, result.stderr
+  error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(error) == 1 and str(empty) in error[0], result.stderr
+  assert "data_dir" in error[0] or "LFMJAX_DATA_DIR" in error[0]
+  assert "Traceback" not in result.stderr
+
+
+def test_missing_fashion_mnist_is_a_dataset_error(tmp_path, monkeypatch):
+  from lfmjax.config import base_config
+  from lfmjax.data import DatasetError, datasets
+  from lfmjax.train import train_and_evaluate
+  monkeypatch.setattr(datasets, "SYSTEM_DATA_DIRS", ())
+  monkeypatch.setenv("LFMJAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.delenv("LFMJAX_DATA_DIR", raising=False)
+  config = base_config()
+  config.data_dir = str(tmp_path)
+  config.download = False
+  with pytest.raises(DatasetError) as err:
+    train_and_evaluate(config, None, quiet=True)
+  assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+
+
+@needs_fmnist
+def test_short_real_run_learns_fashion_mnist(tmp_path):
+  """LocFedMix-SL on real Fashion-MNIST, 5 clients, 150 iterations: well above chance."""
+  from lfmjax.config import base_config
+  from lfmjax.train import train_and_evaluate
+  config = base_config()
+  config.data_dir = str(fmnist_dir())
+  config.model = "bench_cnn"
+  config.num_clients = 5
+  config.batch_size = 16
+  config.client_optimizer = "adam"
+  config.client_lr = 1e-3
+  config.num_iterations = 150
+  config.eval_every = 150
+  summary = train_and_evaluate(config, str(tmp_path), quiet=True)
+  assert summary["iterations"] == 150
+  assert summary["final_test_accuracy"] > 0.70  # chance is 0.10
