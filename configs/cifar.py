@@ -21,6 +21,6 @@ def get_config():
   c.batch_size = 32                # per client per iteration
   c.client_optimizer = "adam"      # Adam on both sides
   c.client_lr = 1e-3               # eta_c (= eta_s)
-  c.num_iterations = 5000          # 32 epochs of each client's 5,000 samples
+  c.num_iterations = 1000          # 6.4 epochs of each client's 5,000 samples
   c.eval_every = 250               # test evaluations
   return c
