@@ -10,15 +10,50 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# The switches each algorithm turns on. `None` in a config means "the algorithm's".
-ALGORITHMS: dict[str, dict[str, bool]] = {
-    "psl": dict(loc=False, fed=False, mix=False),
-    "locfedmix": dict(loc=True, fed=True, mix=True),
+# Each algorithm: its component switches (`None` in a config means "the algorithm's")
+# and its structure, which no switch changes:
+#   server:   shared     one server, one step on sum_k delta_k (L_k + L~_k)
+#             per_client one server copy per client, averaged with the lowers (SFL-V1)
+#             sequential one server, a step per client in a random order (SFL-V2)
+#             relay      clients one after another, the lower handed on (vanilla SL)
+#   download: own        client k receives dL_k/ds_k
+#             none       clients receive nothing and learn from a local head (LocSplitFed)
+SWITCHES = ("loc", "fed", "mix", "gradmix")
+ALGORITHMS: dict[str, dict] = {
+    "sl": dict(loc=False, fed=False, mix=False, gradmix=False, server="relay",
+               download="own", local_ce_weight=0.0),
+    "psl": dict(loc=False, fed=False, mix=False, gradmix=False, server="shared",
+                download="own", local_ce_weight=0.0),
+    "sfl_v1": dict(loc=False, fed=True, mix=False, gradmix=False, server="per_client",
+                   download="own", local_ce_weight=0.0),
+    "sfl_v2": dict(loc=False, fed=True, mix=False, gradmix=False, server="sequential",
+                   download="own", local_ce_weight=0.0),
+    "locsplitfed": dict(loc=False, fed=True, mix=False, gradmix=False, server="shared",
+                        download="none", local_ce_weight=1.0),
+    "locfedmix": dict(loc=True, fed=True, mix=True, gradmix=False, server="shared",
+                      download="own", local_ce_weight=0.0),
+    "sglr": dict(loc=False, fed=False, mix=False, gradmix=True, server="shared",
+                 download="own", local_ce_weight=0.0),
+    "mix2sfl": dict(loc=False, fed=True, mix=True, gradmix=True, server="shared",
+                    download="own", local_ce_weight=0.0),
 }
 
 ALGORITHM_HELP: dict[str, str] = {
+    "sl": "sequential (vanilla) SL: clients one after another, the lower model handed on",
     "psl": "parallel SL: one server step on sum_k delta_k L_k, each client gets its own gradient",
-    "locfedmix": "LocFedMix-SL: PSL + local MI loss (Loc) + FedAvg of lowers (Fed) + SmashMix (Mix)",
+    "sfl_v1": "SplitFed V1: one server copy per client, averaged; FedAvg of lowers",
+    "sfl_v2": "SplitFed V2: one server stepping client after client in a random order; FedAvg",
+    "locsplitfed": "LocSplitFed: clients learn from a local aux head, no gradient download; FedAvg",
+    "locfedmix": "LocFedMix-SL: PSL + local MI loss (Loc) + FedAvg (Fed) + SmashMix (Mix)",
+    "sglr": "SGLR: PSL + SplitLr (eta_s = eta_c C^server_lr_exponent) + GradMix (fraction phi)",
+    "mix2sfl": "Mix2SFL: PSL + SmashMix + GradMix + FedAvg",
+}
+
+SWITCH_HELP: dict[str, str] = {
+    "loc": "local MI loss: a decoder per client reconstructs x from s (weight mu)",
+    "fed": "FedAvg of the client segments every fedavg_every (T_c) iterations",
+    "mix": "SmashMix: num_mixed manifold-mixup batches across clients, Beta(mixup_alpha)",
+    "gradmix": "GradMix: a random fraction gradmix_fraction (phi) of clients gets their mean gradient",
 }
 
 OPTIMIZERS = ("sgd", "adam")
@@ -45,6 +80,12 @@ class RoundConfig:
   fedavg: bool = True
   fedavg_every: int = 1                   # T_c
   fedavg_opt_state: bool = False
+  # GradMix (SGLR's SplitAvg): fraction phi of clients receiving their mean gradient.
+  gradmix: bool = False
+  gradmix_fraction: float = 0.5
+  # Structure (see ALGORITHMS).
+  server_mode: str = "shared"
+  download: str = "own"
   # Optimisers.
   client_optimizer: str = "sgd"
   client_lr: float = 0.01
@@ -66,20 +107,32 @@ class RoundConfig:
   def uses_aux_head(self) -> bool:
     return self.local_ce_weight != 0.0
 
+  @property
+  def num_gradmix(self) -> int:
+    """Clients receiving the mixed gradient each iteration: round(phi C), at least 2."""
+    if not self.gradmix:
+      return 0
+    m = int(round(self.gradmix_fraction * self.num_clients))
+    return m if m >= 2 else 0
+
 
 def resolve_switches(config: Any) -> dict[str, bool]:
-  """The Loc/Fed/Mix switches: the config's where set, else the algorithm's."""
+  """The Loc/Fed/Mix/GradMix switches: the config's where set, else the algorithm's."""
   if config.algorithm not in ALGORITHMS:
     raise ValueError(f"config.algorithm={config.algorithm!r} is unknown; use one of "
                      f"{', '.join(sorted(ALGORITHMS))}")
   defaults = ALGORITHMS[config.algorithm]
   return {name: (defaults[name] if config.get(name) is None else bool(config.get(name)))
-          for name in ("loc", "fed", "mix")}
+          for name in SWITCHES}
 
 
 def round_config_from(config: Any, num_classes: int) -> RoundConfig:
   """Builds the frozen RoundConfig from an ml_collections config."""
   switches = resolve_switches(config)
+  algorithm = ALGORITHMS[config.algorithm]
+  local_ce_weight = config.local_ce_weight
+  if local_ce_weight is None:
+    local_ce_weight = algorithm["local_ce_weight"]
   server_lr = config.server_lr
   if server_lr is None:  # SGLR's SplitLr: eta_s = eta_c * C ** alpha_lr
     server_lr = config.client_lr * config.num_clients ** config.server_lr_exponent
@@ -91,7 +144,7 @@ def round_config_from(config: Any, num_classes: int) -> RoundConfig:
       local_loss=switches["loc"],
       local_loss_weight=config.mu,
       local_loss_kind=config.local_loss_kind,
-      local_ce_weight=config.local_ce_weight,
+      local_ce_weight=float(local_ce_weight),
       smashmix=switches["mix"],
       num_mixed=config.num_mixed,
       mixup_alpha=config.mixup_alpha,
@@ -99,6 +152,10 @@ def round_config_from(config: Any, num_classes: int) -> RoundConfig:
       fedavg=switches["fed"],
       fedavg_every=config.fedavg_every,
       fedavg_opt_state=config.fedavg_opt_state,
+      gradmix=switches["gradmix"],
+      gradmix_fraction=config.gradmix_fraction,
+      server_mode=algorithm["server"],
+      download=algorithm["download"],
       client_optimizer=config.client_optimizer,
       client_lr=config.client_lr,
       server_optimizer=server_optimizer,

@@ -13,10 +13,11 @@ from ml_collections import config_dict
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # --- algorithm (see `python -m lfmjax.main --list`) ---
-  c.algorithm = "locfedmix"          # psl | locfedmix
+  c.algorithm = "locfedmix"          # sl|psl|sfl_v1|sfl_v2|locsplitfed|locfedmix|sglr|mix2sfl
   c.loc = config_dict.placeholder(bool)  # local MI loss; None: the algorithm's
   c.fed = config_dict.placeholder(bool)  # FedAvg of client segments; None: the algorithm's
   c.mix = config_dict.placeholder(bool)  # SmashMix; None: the algorithm's
+  c.gradmix = config_dict.placeholder(bool)  # GradMix (SGLR); None: the algorithm's
   # --- data ---
   c.dataset = "fashion_mnist"        # fashion_mnist | cifar10
   c.data_dir = config_dict.placeholder(str)  # else $LFMJAX_DATA_DIR, system dirs, cache
@@ -41,12 +42,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 32                  # B, per client per iteration
   c.mu = 1.0                         # weight of the local MI loss in the client update
   c.local_loss_kind = "bce"          # R: bce (InfoPro) | mse
-  c.local_ce_weight = 0.0            # aux-head CE weight (InfoPro's I(s;y) term)
+  c.local_ce_weight = config_dict.placeholder(float)  # aux-head CE weight; None: algorithm's
   c.num_mixed = 1                    # n_s, SmashMix batches per client
   c.mixup_alpha = 2.0                # lambda ~ Beta(alpha, alpha)
   c.mix_grad_to_clients = False      # let mixed samples' gradients reach the lowers
   c.fedavg_every = 1                 # T_c, iterations between FedAvgs
   c.fedavg_opt_state = False         # average client optimiser states too
+  c.gradmix_fraction = 0.5           # phi, fraction of clients whose gradients are mixed
   # --- optimisation ---
   c.client_optimizer = "sgd"         # sgd | adam
   c.client_lr = 0.01                 # eta_c
@@ -54,6 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.server_lr = config_dict.placeholder(float)  # None: client_lr * C ** server_lr_exponent
   c.server_lr_exponent = 0.0         # SGLR's SplitLr alpha_lr
   c.momentum = 0.0                   # SGD momentum (both sides)
+  # --- simulated latency (SPEC: communication and latency) ---
+  c.client_flops_per_s = 1e10        # a client's compute rate (10 GFLOP/s)
+  c.server_flops_per_s = 1e13        # the server's compute rate (10 TFLOP/s)
+  c.uplink_bytes_per_s = 1.25e6      # client -> server (10 Mbit/s)
+  c.downlink_bytes_per_s = 6.25e6    # server -> client (50 Mbit/s)
   # --- run ---
   c.seed = 0                         # model init, batches, mixup draws
   c.num_iterations = 1000            # iterations (every client one mini-batch each)

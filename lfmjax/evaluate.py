@@ -1,8 +1,9 @@
 """Test accuracy of the composed split model, jitted over the whole test split (SPEC.md).
 
-With FedAvg the composed model is the delta-weighted average lower + the server's upper.
-Without it (`psl`) each client's own lower + the upper is evaluated and the mean over
-clients reported; with many clients a seeded subset of `eval_clients` of them.
+With FedAvg the composed model is the delta-weighted average lower + the server's upper
+(SFL-V1: + the average of the server's copies). Vanilla SL evaluates the last client's
+lower. Otherwise (`psl`, `sglr`) each client's own lower + the upper is evaluated and the
+mean over clients reported; with many clients a seeded subset of `eval_clients` of them.
 Evaluation uses BatchNorm running statistics.
 """
 from __future__ import annotations
@@ -66,9 +67,13 @@ def make_evaluate(cfg: RoundConfig, model: SplitModel, *, chunk: int = 1000):
   def evaluate(state: RoundState, weights_C, client_ids, test):
     clients, server = state.clients, state.server
     upper_vars = {"params": server.params, **server.stats}
+    if cfg.server_mode == "per_client":  # SFL-V1's copies, averaged as FedAvg would
+      upper_vars = components.weighted_mean(upper_vars, weights_C)
     lower_C = {"params": clients.params["lower"], **clients.stats["lower"]}
     n = jnp.sum(test[2])
-    if cfg.fedavg:
+    if cfg.server_mode == "relay":  # vanilla SL: the last client's lower is the model
+      correct, loss = score(jax.tree.map(lambda a: a[-1], lower_C), upper_vars, test)
+    elif cfg.fedavg:
       lower = components.weighted_mean(lower_C, weights_C)
       correct, loss = score(lower, upper_vars, test)
     else:

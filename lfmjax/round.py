@@ -30,7 +30,7 @@ from lfmjax.state import (ClientState, RoundData, RoundState, ServerState,
                           client_optimizer, server_optimizer)
 
 # fold_in tags: one independent stream of randomness per purpose.
-TAG_BATCH, TAG_MIX = 0, 1
+TAG_BATCH, TAG_MIX, TAG_ORDER, TAG_GRADMIX = 0, 1, 2, 3
 
 
 def _apply(module, params, stats, x, train: bool):
@@ -119,6 +119,110 @@ def make_server_loss(cfg: RoundConfig, model: SplitModel):
   return server_loss
 
 
+def make_server_step_one(cfg: RoundConfig, model: SplitModel):
+  """One server step on one client's batch: (server, s_BxS, y_B) -> (server, g, L, acc).
+
+  The step of SFL-V1's per-client copies, SFL-V2's sequential server and vanilla SL;
+  g = dL_k/ds_k is computed with the server weights before the step.
+  """
+  opt_s = server_optimizer(cfg)
+
+  def loss(params, stats, s_BxS, y_B):
+    logits, new_stats = _apply(model.upper, params, stats, s_BxS, train=True)
+    correct = jnp.mean(jnp.argmax(logits, -1) == y_B)
+    return components.cross_entropy(logits, y_B), (new_stats, correct)
+
+  def step(server: ServerState, s_BxS, y_B):
+    (loss_k, (stats, acc)), (grads, g_BxS) = jax.value_and_grad(
+        loss, argnums=(0, 2), has_aux=True)(server.params, server.stats, s_BxS, y_B)
+    updates, opt_state = opt_s.update(grads, server.opt_state, server.params)
+    return ServerState(optax.apply_updates(server.params, updates), stats, opt_state), (
+        g_BxS, loss_k, acc)
+
+  return step
+
+
+def make_server_phase(cfg: RoundConfig, model: SplitModel):
+  """The server's part of a parallel iteration, by `cfg.server_mode`.
+
+  Returns `phase(server, s_CxBxS, y_CxB, weights_C, key, step) -> (server, g_CxBxS,
+  {loss_real, loss_mix, train_accuracy})`, g_k being the gradient of client k's own loss.
+  """
+  opt_s = server_optimizer(cfg)
+  server_loss = make_server_loss(cfg, model)
+  step_one = make_server_step_one(cfg, model)
+
+  def shared(server, s_CxBxS, y_CxB, weights_C, key, step):
+    key_mix = jax.random.fold_in(jax.random.fold_in(key, TAG_MIX), step)
+    (_, (stats, loss_real, loss_mix, acc)), (grads, ds_CxBxS) = jax.value_and_grad(
+        server_loss, argnums=(0, 2), has_aux=True)(
+            server.params, server.stats, s_CxBxS, y_CxB, weights_C, key_mix)
+    updates, opt_state = opt_s.update(grads, server.opt_state, server.params)
+    new_server = ServerState(optax.apply_updates(server.params, updates), stats, opt_state)
+    # d(sum_j delta_j L_j)/ds_k / delta_k: the gradient of client k's own mean loss.
+    w_shape = (-1,) + (1,) * (ds_CxBxS.ndim - 1)
+    g = ds_CxBxS / weights_C.reshape(w_shape).astype(ds_CxBxS.dtype)
+    return new_server, g, {"loss_real": loss_real, "loss_mix": loss_mix,
+                           "train_accuracy": acc}
+
+  def per_client(server, s_CxBxS, y_CxB, weights_C, key, step):
+    new_server, (g, loss_C, acc_C) = jax.vmap(step_one)(server, s_CxBxS, y_CxB)
+    return new_server, g, {"loss_real": jnp.sum(weights_C * loss_C),
+                           "loss_mix": jnp.zeros(()), "train_accuracy": jnp.mean(acc_C)}
+
+  def sequential(server, s_CxBxS, y_CxB, weights_C, key, step):
+    order_C = client_order(key, step, y_CxB.shape[0])
+
+    def body(server, k):
+      return step_one(server, s_CxBxS[k], y_CxB[k])
+
+    new_server, (g_in_order, loss_in_order, acc) = jax.lax.scan(body, server, order_C)
+    g = jnp.zeros_like(g_in_order).at[order_C].set(g_in_order)
+    return new_server, g, {"loss_real": jnp.sum(weights_C[order_C] * loss_in_order),
+                           "loss_mix": jnp.zeros(()), "train_accuracy": jnp.mean(acc)}
+
+  return {"shared": shared, "per_client": per_client, "sequential": sequential}[
+      cfg.server_mode]
+
+
+def client_order(key, step, num_clients: int) -> jax.Array:
+  """SFL-V2's random order of clients at this step."""
+  return jax.random.permutation(
+      jax.random.fold_in(jax.random.fold_in(key, TAG_ORDER), step), num_clients)
+
+
+def gradmix_clients(key, step, num_clients: int, num_mixed: int) -> jax.Array:
+  """The clients whose gradients GradMix averages at this step (bool mask C)."""
+  chosen = jax.random.permutation(
+      jax.random.fold_in(jax.random.fold_in(key, TAG_GRADMIX), step), num_clients)[:num_mixed]
+  return jnp.zeros((num_clients,), bool).at[chosen].set(True)
+
+
+def download(cfg: RoundConfig, g_CxBxS, key, step):
+  """What each client receives: its own gradient, GradMix's mean for the chosen, or none."""
+  if cfg.download == "none":
+    return jnp.zeros_like(g_CxBxS)
+  if cfg.num_gradmix:
+    mask_C = gradmix_clients(key, step, g_CxBxS.shape[0], cfg.num_gradmix)
+    mask = mask_C.reshape((-1,) + (1,) * (g_CxBxS.ndim - 1))
+    mean = jnp.sum(jnp.where(mask, g_CxBxS, 0.0), axis=0) / cfg.num_gradmix
+    return jnp.where(mask, mean, g_CxBxS)
+  return g_CxBxS
+
+
+def make_client_update(cfg: RoundConfig):
+  """Per client: opt_c(VJP_lower(g + dL_local/ds)) and the heads' own gradients."""
+  opt_c = client_optimizer(cfg)
+
+  def client_update(params, opt_state, lower_vjp, g, ds_local, head_grads):
+    (lower_grad,) = lower_vjp(g + ds_local)
+    grads = {"lower": lower_grad, **head_grads}
+    updates, opt_state = opt_c.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return client_update
+
+
 def make_round_step(cfg: RoundConfig, model: SplitModel, *, jit: bool = True
                     ) -> Callable[[RoundState, RoundData], tuple[RoundState, dict]]:
   """Returns `round_step(state, data) -> (state, metrics)`: one iteration, all clients.
@@ -126,15 +230,20 @@ def make_round_step(cfg: RoundConfig, model: SplitModel, *, jit: bool = True
   With `jit=True` (default) the function is jitted with the state donated; it is
   traced once for a run, since nothing in it depends on Python values of the state.
   """
-  client_forward = make_client_forward(cfg, model)
-  server_loss = make_server_loss(cfg, model)
-  opt_c, opt_s = client_optimizer(cfg), server_optimizer(cfg)
+  if cfg.server_mode == "relay":
+    round_step = make_relay_round(cfg, model)
+  else:
+    round_step = make_parallel_round(cfg, model)
+  if jit:
+    return jax.jit(round_step, donate_argnums=0)
+  return round_step
 
-  def client_update(params, opt_state, lower_vjp, g, ds_local, head_grads):
-    (lower_grad,) = lower_vjp(g + ds_local)
-    grads = {"lower": lower_grad, **head_grads}
-    updates, opt_state = opt_c.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+
+def make_parallel_round(cfg: RoundConfig, model: SplitModel):
+  """Every algorithm whose clients compute at the same time (all but vanilla SL)."""
+  client_forward = make_client_forward(cfg, model)
+  server_phase = make_server_phase(cfg, model)
+  client_update = make_client_update(cfg)
 
   def average_clients(clients: ClientState, weights_C) -> ClientState:
     params = components.fedavg(clients.params, weights_C)
@@ -143,24 +252,20 @@ def make_round_step(cfg: RoundConfig, model: SplitModel, *, jit: bool = True
                  if cfg.fedavg_opt_state else clients.opt_state)
     return ClientState(params, stats, opt_state)
 
+  def average_server(server: ServerState, weights_C) -> ServerState:
+    """SFL-V1: the server's per-client copies averaged (optimiser states stay)."""
+    return ServerState(components.fedavg(server.params, weights_C),
+                       components.fedavg(server.stats, weights_C), server.opt_state)
+
   def round_step(state: RoundState, data: RoundData):
     x_model, x01, y_CxB = sample_batch(cfg, state, data)
-    clients, server = state.clients, state.server
+    clients = state.clients
 
     s_CxBxS, lower_vjp, ds_local, head_grads, new_client_stats, loss_local_C, loss_aux_C = (
         jax.vmap(client_forward)(clients.params, clients.stats, x_model, x01, y_CxB))
-
-    key_mix = jax.random.fold_in(jax.random.fold_in(state.key, TAG_MIX), state.step)
-    (_, (server_stats, loss_real, loss_mix, train_acc)), (server_grads, ds_CxBxS) = (
-        jax.value_and_grad(server_loss, argnums=(0, 2), has_aux=True)(
-            server.params, server.stats, s_CxBxS, y_CxB, data.weights_C, key_mix))
-    server_updates, server_opt = opt_s.update(server_grads, server.opt_state, server.params)
-    new_server = ServerState(optax.apply_updates(server.params, server_updates),
-                             server_stats, server_opt)
-
-    # Download: the gradient of client k's own mean loss, d(sum_j delta_j L_j)/ds_k / delta_k.
-    w_shape = (-1,) + (1,) * (ds_CxBxS.ndim - 1)
-    g_CxBxS = ds_CxBxS / data.weights_C.reshape(w_shape).astype(ds_CxBxS.dtype)
+    new_server, g_CxBxS, server_metrics = server_phase(
+        state.server, s_CxBxS, y_CxB, data.weights_C, state.key, state.step)
+    g_CxBxS = download(cfg, g_CxBxS, state.key, state.step)
 
     new_params, new_opt = jax.vmap(client_update)(
         clients.params, clients.opt_state, lower_vjp, g_CxBxS, ds_local, head_grads)
@@ -169,20 +274,62 @@ def make_round_step(cfg: RoundConfig, model: SplitModel, *, jit: bool = True
       do_average = (state.step + 1) % cfg.fedavg_every == 0
       new_clients = jax.lax.cond(do_average, average_clients, lambda c, w: c,
                                  new_clients, data.weights_C)
+      if cfg.server_mode == "per_client":
+        new_server = jax.lax.cond(do_average, average_server, lambda c, w: c,
+                                  new_server, data.weights_C)
 
     metrics = {
-        "loss_real": loss_real,
-        "loss_mix": loss_mix,
+        **server_metrics,
         "loss_local": jnp.sum(data.weights_C * loss_local_C),
         "loss_aux": jnp.sum(data.weights_C * loss_aux_C),
-        "train_accuracy": train_acc,
     }
     new_state = RoundState(step=state.step + 1, key=state.key, clients=new_clients,
                            server=new_server)
     return new_state, metrics
 
-  if jit:
-    return jax.jit(round_step, donate_argnums=0)
+  return round_step
+
+
+def make_relay_round(cfg: RoundConfig, model: SplitModel):
+  """Vanilla sequential SL: a scan over clients in order, inside the one program.
+
+  Client k starts from the lower that client k-1 just updated (client 0 from the last
+  client's of the previous iteration), the server steps on L_k, and client k updates
+  with dL_k/ds_k. Decoders, heads and optimiser states stay with their clients.
+  """
+  client_forward = make_client_forward(cfg, model)
+  server_step = make_server_step_one(cfg, model)
+  client_update = make_client_update(cfg)
+
+  def round_step(state: RoundState, data: RoundData):
+    x_model, x01, y_CxB = sample_batch(cfg, state, data)
+    clients = state.clients
+    last = lambda tree: jax.tree.map(lambda a: a[-1], tree)
+
+    def body(carry, inputs):
+      lower_params, lower_stats, server = carry
+      params, stats, opt_state, x, x01_k, y = inputs
+      params = {**params, "lower": lower_params}
+      stats = {**stats, "lower": lower_stats}
+      s, lower_vjp, ds_local, head_grads, new_stats, loss_local, loss_aux = client_forward(
+          params, stats, x, x01_k, y)
+      server, (g, loss_k, acc) = server_step(server, s, y)
+      params, opt_state = client_update(params, opt_state, lower_vjp, g, ds_local, head_grads)
+      return (params["lower"], new_stats["lower"], server), (
+          params, new_stats, opt_state, loss_k, acc, loss_local, loss_aux)
+
+    carry = (last(clients.params["lower"]), last(clients.stats["lower"]), state.server)
+    (_, _, new_server), (params, stats, opt_state, loss_C, acc_C, local_C, aux_C) = (
+        jax.lax.scan(body, carry, (clients.params, clients.stats, clients.opt_state,
+                                   x_model, x01, y_CxB)))
+    w = data.weights_C
+    metrics = {"loss_real": jnp.sum(w * loss_C), "loss_mix": jnp.zeros(()),
+               "train_accuracy": jnp.mean(acc_C), "loss_local": jnp.sum(w * local_C),
+               "loss_aux": jnp.sum(w * aux_C)}
+    new_state = RoundState(step=state.step + 1, key=state.key,
+                           clients=ClientState(params, stats, opt_state), server=new_server)
+    return new_state, metrics
+
   return round_step
 
 

@@ -31,6 +31,7 @@ class ClientState:
 
 @flax.struct.dataclass
 class ServerState:
+  """The upper segment; SFL-V1 keeps one copy per client (leading axis C)."""
   params: Any
   stats: dict
   opt_state: Any
@@ -110,7 +111,12 @@ def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,
   opt_c = client_optimizer(cfg)
   client_opt = jax.vmap(opt_c.init)(client_params)
   server_params, server_stats = split_variables(variables["upper"])
-  server_opt = server_optimizer(cfg).init(server_params)
+  if cfg.server_mode == "per_client":  # SFL-V1: one upper copy per client
+    server_params = stack_clients(server_params, cfg.num_clients)
+    server_stats = stack_clients(server_stats, cfg.num_clients)
+    server_opt = jax.vmap(server_optimizer(cfg).init)(server_params)
+  else:
+    server_opt = server_optimizer(cfg).init(server_params)
   return RoundState(
       step=jnp.zeros((), jnp.int32),
       key=key_run,

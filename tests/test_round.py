@@ -88,6 +88,70 @@ def apply(module, params, x):
   return module.apply({"params": params}, x)
 
 
+def ce(logits, y):
+  return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(y)), y])
+
+
+def soft_ce(logits, t):
+  return -jnp.mean(jnp.sum(t * jax.nn.log_softmax(logits), -1))
+
+
+def sgd(w, g, lr):
+  return jax.tree.map(lambda a, b: a - lr * b, w, g)
+
+
+def mean_of(trees, weights):
+  return jax.tree.map(lambda *leaves: sum(d * l for d, l in zip(weights, leaves)), *trees)
+
+
+def stack(trees):
+  return jax.tree.map(lambda *l: jnp.stack(l), *trees)
+
+
+def client_grads(cfg, lower, dec, aux, x, y, g_s):
+  """A client's gradients: VJP of the download + mu * MI loss + w_ce * aux-head CE."""
+  _, lower_vjp = jax.vjp(lambda w: apply(MODEL.lower, w, x), lower)
+  (g_lower,) = lower_vjp(g_s)
+  g_dec = jax.tree.map(jnp.zeros_like, dec)
+  g_aux = jax.tree.map(jnp.zeros_like, aux)
+  if cfg.local_loss:
+    def mi_loss(w, h):
+      logits = apply(MODEL.decoder, h, apply(MODEL.lower, w, x))
+      return -jnp.mean(x * jax.nn.log_sigmoid(logits) + (1 - x) * jax.nn.log_sigmoid(-logits))
+    g_mi, g_dec = jax.grad(mi_loss, argnums=(0, 1))(lower, dec)
+    g_lower = jax.tree.map(lambda a, b: a + cfg.local_loss_weight * b, g_lower, g_mi)
+  if cfg.local_ce_weight:
+    def aux_loss(w, a):
+      return ce(apply(MODEL.aux_head, a, apply(MODEL.lower, w, x)), y)
+    g_ce, g_aux = jax.grad(aux_loss, argnums=(0, 1))(lower, aux)
+    g_lower = jax.tree.map(lambda a, b: a + cfg.local_ce_weight * b, g_lower, g_ce)
+  return g_lower, g_dec, g_aux
+
+
+def mixed_batches(cfg, key, step, smashed, ys):
+  """SmashMix's batches from the documented random stream, mixed sample by sample."""
+  mixes = []
+  key_mix = jax.random.fold_in(jax.random.fold_in(key, 1), step)
+  key_partner, key_draws = jax.random.split(key_mix)
+  offsets = np.asarray(jax.random.randint(key_partner, (C, cfg.num_mixed), 1, C))
+  draw_keys = jax.random.split(key_draws, (C, cfg.num_mixed))
+  for k in range(C):
+    for n in range(cfg.num_mixed):
+      j = (k + int(offsets[k, n])) % C
+      key_perm, key_lam = jax.random.split(draw_keys[k, n])
+      perm = np.asarray(jax.random.permutation(key_perm, B))
+      lam = np.asarray(jax.random.beta(key_lam, cfg.mixup_alpha, cfg.mixup_alpha, (B,)))
+      s_mix = np.zeros_like(np.asarray(smashed[k]))
+      y_mix = np.zeros((B, N_CLS), np.float32)
+      for b in range(B):
+        s_mix[b] = lam[b] * np.asarray(smashed[k][b]) + (1 - lam[b]) * np.asarray(
+            smashed[j][perm[b]])
+        y_mix[b, int(ys[k][b])] += lam[b]
+        y_mix[b, int(ys[j][perm[b]])] += 1 - lam[b]
+      mixes.append((k, jnp.asarray(s_mix), jnp.asarray(y_mix)))
+  return mixes
+
+
 def reference_step(cfg: RoundConfig, state, data):
   """One iteration, client by client, from SPEC.md. Returns (new params dict, metrics)."""
   step = int(state.step)
@@ -95,96 +159,121 @@ def reference_step(cfg: RoundConfig, state, data):
   delta = np.asarray(data.weights_C)
   idx = np.asarray(batch_indices(jax.random.fold_in(key, 0), state.step, data.idx_CxM,
                                  data.sizes_C, cfg.batch_size))
-  lowers = [jax.tree.map(lambda a: a[k], state.clients.params["lower"]) for k in range(C)]
-  decs = [jax.tree.map(lambda a: a[k], state.clients.params["decoder"]) for k in range(C)]
-  upper = state.server.params
+  per_client = lambda tree: [jax.tree.map(lambda a: a[k], tree) for k in range(C)]
+  lowers = per_client(state.clients.params["lower"])
+  decs = per_client(state.clients.params["decoder"])
+  auxs = per_client(state.clients.params["aux_head"])
   xs = [jnp.asarray(data.train_x)[idx[k]].astype(jnp.float32) / 255.0 for k in range(C)]
   ys = [jnp.asarray(data.train_y)[idx[k]] for k in range(C)]
+  lr_c, lr_s = cfg.client_lr, cfg.server_lr
+  losses = [0.0] * C
+
+  if cfg.server_mode == "relay":  # vanilla SL: one client after another
+    upper, lower = state.server.params, lowers[-1]
+    new_lowers, new_decs, new_auxs = [], [], []
+    for k in range(C):
+      s_k = apply(MODEL.lower, lower, xs[k])
+      losses[k], (g_upper, g_s) = jax.value_and_grad(
+          lambda w, s: ce(apply(MODEL.upper, w, s), ys[k]), argnums=(0, 1))(upper, s_k)
+      upper = sgd(upper, g_upper, lr_s)
+      g_lower, g_dec, g_aux = client_grads(cfg, lower, decs[k], auxs[k], xs[k], ys[k], g_s)
+      lower = sgd(lower, g_lower, lr_c)
+      new_lowers.append(lower)
+      new_decs.append(sgd(decs[k], g_dec, lr_c))
+      new_auxs.append(sgd(auxs[k], g_aux, lr_c))
+    return ({"upper": upper, "lower": stack(new_lowers), "decoder": stack(new_decs),
+             "aux_head": stack(new_auxs)}, {"loss_real": sum(delta * np.asarray(losses))})
+
   smashed = [apply(MODEL.lower, lowers[k], xs[k]) for k in range(C)]
+  own_loss = lambda w, k: (lambda s: ce(apply(MODEL.upper, w, s), ys[k]))
+  g = [None] * C
+  if cfg.server_mode == "shared":
+    upper = state.server.params
+    mixes = mixed_batches(cfg, key, step, smashed, ys) if cfg.smashmix else []
 
-  # SmashMix draws, from the documented stream.
-  mixes = []
-  if cfg.smashmix:
-    key_mix = jax.random.fold_in(jax.random.fold_in(key, 1), step)
-    key_partner, key_draws = jax.random.split(key_mix)
-    offsets = np.asarray(jax.random.randint(key_partner, (C, cfg.num_mixed), 1, C))
-    draw_keys = jax.random.split(key_draws, (C, cfg.num_mixed))
+    def server_objective(w_s):
+      total = sum(delta[k] * own_loss(w_s, k)(smashed[k]) for k in range(C))
+      for k, s_mix, y_mix in mixes:
+        total += delta[k] * soft_ce(apply(MODEL.upper, w_s, s_mix), y_mix) / cfg.num_mixed
+      return total
+
     for k in range(C):
-      for n in range(cfg.num_mixed):
-        j = (k + int(offsets[k, n])) % C
-        key_perm, key_lam = jax.random.split(draw_keys[k, n])
-        perm = np.asarray(jax.random.permutation(key_perm, B))
-        lam = np.asarray(jax.random.beta(key_lam, cfg.mixup_alpha, cfg.mixup_alpha, (B,)))
-        s_mix = np.zeros_like(np.asarray(smashed[k]))
-        y_mix = np.zeros((B, N_CLS), np.float32)
-        for b in range(B):
-          s_mix[b] = lam[b] * np.asarray(smashed[k][b]) + (1 - lam[b]) * np.asarray(
-              smashed[j][perm[b]])
-          y_mix[b, int(ys[k][b])] += lam[b]
-          y_mix[b, int(ys[j][perm[b]])] += 1 - lam[b]
-        mixes.append((k, jnp.asarray(s_mix), jnp.asarray(y_mix)))
-
-  def ce(logits, y):
-    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(y)), y])
-
-  def soft_ce(logits, t):
-    return -jnp.mean(jnp.sum(t * jax.nn.log_softmax(logits), -1))
-
-  def server_objective(w_s):
-    total = 0.0
+      losses[k], g[k] = jax.value_and_grad(own_loss(upper, k))(smashed[k])
+    new_upper = sgd(upper, jax.grad(server_objective)(upper), lr_s)
+  elif cfg.server_mode == "per_client":  # SFL-V1: a server copy per client
+    uppers = per_client(state.server.params)
+    new_uppers = []
     for k in range(C):
-      total += delta[k] * ce(apply(MODEL.upper, w_s, smashed[k]), ys[k])
-    for k, s_mix, y_mix in mixes:
-      total += delta[k] * soft_ce(apply(MODEL.upper, w_s, s_mix), y_mix) / cfg.num_mixed
-    return total
+      losses[k], (g_w, g[k]) = jax.value_and_grad(
+          lambda w, s: own_loss(w, k)(s), argnums=(0, 1))(uppers[k], smashed[k])
+      new_uppers.append(sgd(uppers[k], g_w, lr_s))
+    if cfg.fedavg and (step + 1) % cfg.fedavg_every == 0:
+      new_uppers = [mean_of(new_uppers, delta)] * C
+    new_upper = stack(new_uppers)
+  elif cfg.server_mode == "sequential":  # SFL-V2: one server, clients in random order
+    order = np.asarray(jax.random.permutation(
+        jax.random.fold_in(jax.random.fold_in(key, 2), step), C))
+    upper = state.server.params
+    for k in order:
+      losses[k], (g_w, g[k]) = jax.value_and_grad(
+          lambda w, s: own_loss(w, k)(s), argnums=(0, 1))(upper, smashed[k])
+      upper = sgd(upper, g_w, lr_s)
+    new_upper = upper
 
-  server_grad = jax.grad(server_objective)(upper)
-  new_upper = jax.tree.map(lambda w, g: w - cfg.server_lr * g, upper, server_grad)
+  if cfg.download == "none":
+    g = [jnp.zeros_like(gk) for gk in g]
+  elif cfg.gradmix and cfg.num_gradmix:
+    chosen = np.asarray(jax.random.permutation(
+        jax.random.fold_in(jax.random.fold_in(key, 3), step), C))[:cfg.num_gradmix]
+    mean = sum(g[k] for k in chosen) / len(chosen)
+    for k in chosen:
+      g[k] = mean
 
-  new_lowers, new_decs = [], []
+  new_lowers, new_decs, new_auxs = [], [], []
   for k in range(C):
-    own_grad = jax.grad(lambda s: ce(apply(MODEL.upper, upper, s), ys[k]))(smashed[k])
-    _, lower_vjp = jax.vjp(lambda w: apply(MODEL.lower, w, xs[k]), lowers[k])
-    (g_lower,) = lower_vjp(own_grad)
-    g_dec = jax.tree.map(jnp.zeros_like, decs[k])
-    if cfg.local_loss:
-      def mi_loss(w, h):
-        logits = apply(MODEL.decoder, h, apply(MODEL.lower, w, xs[k]))
-        return -jnp.mean(xs[k] * jax.nn.log_sigmoid(logits)
-                         + (1 - xs[k]) * jax.nn.log_sigmoid(-logits))
-      g_mi_lower, g_dec = jax.grad(mi_loss, argnums=(0, 1))(lowers[k], decs[k])
-      g_lower = jax.tree.map(lambda a, b: a + cfg.local_loss_weight * b, g_lower, g_mi_lower)
-    new_lowers.append(jax.tree.map(lambda w, g: w - cfg.client_lr * g, lowers[k], g_lower))
-    new_decs.append(jax.tree.map(lambda w, g: w - cfg.client_lr * g, decs[k], g_dec))
-
+    g_lower, g_dec, g_aux = client_grads(cfg, lowers[k], decs[k], auxs[k], xs[k], ys[k], g[k])
+    new_lowers.append(sgd(lowers[k], g_lower, lr_c))
+    new_decs.append(sgd(decs[k], g_dec, lr_c))
+    new_auxs.append(sgd(auxs[k], g_aux, lr_c))
   if cfg.fedavg and (step + 1) % cfg.fedavg_every == 0:
-    def avg(trees):
-      return jax.tree.map(lambda *leaves: sum(d * l for d, l in zip(delta, leaves)), *trees)
-    mean_lower, mean_dec = avg(new_lowers), avg(new_decs)
-    new_lowers, new_decs = [mean_lower] * C, [mean_dec] * C
-  stack = lambda trees: jax.tree.map(lambda *l: jnp.stack(l), *trees)
-  loss_real = sum(delta[k] * ce(apply(MODEL.upper, upper, smashed[k]), ys[k]) for k in range(C))
-  return {"upper": new_upper, "lower": stack(new_lowers), "decoder": stack(new_decs)}, {
-      "loss_real": loss_real}
+    new_lowers = [mean_of(new_lowers, delta)] * C
+    new_decs = [mean_of(new_decs, delta)] * C
+    new_auxs = [mean_of(new_auxs, delta)] * C
+  return ({"upper": new_upper, "lower": stack(new_lowers), "decoder": stack(new_decs),
+           "aux_head": stack(new_auxs)}, {"loss_real": sum(delta * np.asarray(losses))})
 
 
 def engine_params(state):
   return {"upper": state.server.params, "lower": state.clients.params["lower"],
-          "decoder": state.clients.params["decoder"]}
+          "decoder": state.clients.params["decoder"],
+          "aux_head": state.clients.params["aux_head"]}
 
 
-ALGOS = {
-    "locfedmix": dict(local_loss=True, fedavg=True, smashmix=True),
-    "psl": dict(local_loss=False, fedavg=False, smashmix=False),
-    "loc_only": dict(local_loss=True, fedavg=False, smashmix=False),
-    "mix_only": dict(local_loss=False, fedavg=False, smashmix=True),
-    "fed_every_2": dict(local_loss=True, fedavg=True, smashmix=True, fedavg_every=2),
-}
+def algorithm_cfg(name, **kw):
+  """The RoundConfig of a named algorithm, built from lfmjax's table of switches."""
+  spec = lfmjax.ALGORITHMS[name]
+  fields = dict(local_loss=spec["loc"], fedavg=spec["fed"], smashmix=spec["mix"],
+                gradmix=spec["gradmix"], server_mode=spec["server"],
+                download=spec["download"], local_ce_weight=spec["local_ce_weight"])
+  return make_cfg(**{**fields, **kw})
+
+
+ALGOS = {name: {} for name in lfmjax.ALGORITHMS}
+ALGOS.update({
+    "loc_psl": dict(base="psl", local_loss=True),
+    "mix_psl": dict(base="psl", smashmix=True),
+    "locfedmix_every_2": dict(base="locfedmix", fedavg_every=2),
+    "sfl_v1_every_2": dict(base="sfl_v1", fedavg_every=2),
+    "sl_with_loc": dict(base="sl", local_loss=True),
+    "sglr_phi_1": dict(base="sglr", gradmix_fraction=1.0),
+})
 
 
 @pytest.mark.parametrize("name", list(ALGOS))
 def test_round_equals_plain_per_client_loop(name):
-  cfg = make_cfg(**ALGOS[name], local_loss_weight=0.7)
+  overrides = dict(ALGOS[name])
+  base = overrides.pop("base", name)
+  cfg = algorithm_cfg(base, local_loss_weight=0.7, **overrides)
   data = make_data()
   round_step = lfmjax.make_round_step(cfg, MODEL)
   state = init(cfg)
@@ -197,8 +286,8 @@ def test_round_equals_plain_per_client_loop(name):
 
 
 def test_adam_round_equals_reference_with_optax():
-  cfg = make_cfg(**ALGOS["psl"], client_optimizer="adam", server_optimizer="adam",
-                 client_lr=1e-2, server_lr=1e-2)
+  cfg = algorithm_cfg("psl", client_optimizer="adam", server_optimizer="adam",
+                      client_lr=1e-2, server_lr=1e-2)
   data = make_data()
   state = init(cfg)
   sgd_cfg = dataclasses.replace(cfg, client_optimizer="sgd", server_optimizer="sgd",
@@ -220,7 +309,7 @@ def test_adam_round_equals_reference_with_optax():
 
 
 def test_round_step_is_traced_once():
-  cfg = make_cfg(**ALGOS["locfedmix"])
+  cfg = algorithm_cfg("locfedmix")
   data = make_data()
   round_step = lfmjax.make_round_step(cfg, MODEL)
   state = init(cfg)
@@ -233,7 +322,7 @@ def test_round_step_is_traced_once():
 
 
 def test_multi_step_equals_repeated_round_steps():
-  cfg = make_cfg(**ALGOS["locfedmix"])
+  cfg = algorithm_cfg("locfedmix")
   data = make_data()
   one = lfmjax.make_round_step(cfg, MODEL)
   state = init(cfg)
@@ -247,7 +336,7 @@ def test_multi_step_equals_repeated_round_steps():
 
 def test_downloaded_gradient_is_own_loss_gradient_unscaled():
   """g_k = dL_k/ds_k, not delta_k dL_k/ds_k, with unequal client weights."""
-  cfg = make_cfg(**ALGOS["psl"])
+  cfg = algorithm_cfg("psl")
   server_loss = lfmjax.round.make_server_loss(cfg, MODEL)
   state = init(cfg)
   rng = np.random.default_rng(1)
