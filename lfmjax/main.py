@@ -20,13 +20,15 @@ _LIST = flags.DEFINE_bool("list", False, "List the algorithms and switches, then
 
 
 def listing() -> str:
-  lines = ["algorithms (config.algorithm):"]
-  lines += [f"  {name:<10} {algorithms.ALGORITHM_HELP[name]}" for name in algorithms.ALGORITHMS]
-  lines += ["switches (None = the algorithm's; e.g. --config.algorithm=psl --config.fed=True):",
-            "  loc        local MI loss: a decoder per client reconstructs x from s (weight mu)",
-            "  fed        FedAvg of the client segments every fedavg_every iterations",
-            "  mix        SmashMix: num_mixed manifold-mixup batches across clients, Beta(mixup_alpha)"]
+  lines = ["algorithms (--config.algorithm=NAME):"]
+  lines += [f"  {name:<12} {algorithms.ALGORITHM_HELP[name]}" for name in algorithms.ALGORITHMS]
+  lines += ["switches (unset = the algorithm's; an ablation is e.g. "
+            "--config.algorithm=psl --config.loc=True --config.fed=True):"]
+  lines += [f"  {name:<12} {algorithms.SWITCH_HELP[name]}" for name in algorithms.SWITCHES]
   return "\n".join(lines)
+
+
+__doc__ = f"{__doc__}\n{listing()}\n"  # absl's --help prints the main module's docstring
 
 
 def main(argv):

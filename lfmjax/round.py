@@ -1,18 +1,20 @@
-"""One LocFedMix-SL iteration for all clients as a single jitted XLA program.
+"""One iteration of every client as a single jitted XLA program, for all SL algorithms.
 
 `make_round_step(cfg, model)` returns `round_step(state, data) -> (state, metrics)`
-computing, per SPEC.md and Oh et al. (WWW 2022):
+computing, per SPEC.md and Oh et al. (LocFedMix-SL, WWW 2022):
 
   1. each client's mini-batch, sampled on the device from (key, step);
   2. client forward s_k = lower(w_c,k, x_k), vmapped over clients;
-  3. the local MI loss L^_k of the client's decoder (Loc), and its gradients;
-  4. the server loss sum_k delta_k (L_k + L~_k) on real smashed data and on SmashMix
-     batches (Mix), one server update;
-  5. the download g_k = dL_k/ds_k (the gradient of the client's own mean loss);
-  6. the client update opt_c(VJP_lower(g_k) + mu dL^_k/ds_k);
+  3. the local losses (Loc's MI decoder, an aux head's CE) and their gradients;
+  4. the server phase (`cfg.server_mode`): one shared step on
+     sum_k delta_k (L_k + L~_k) with SmashMix (Mix), per-client server copies (SFL-V1),
+     or a scan of per-client steps in a random order (SFL-V2);
+  5. the download: g_k = dL_k/ds_k, GradMix's mean for a fraction of clients, or nothing;
+  6. the client update opt_c(VJP_lower(g_k) + local gradients);
   7. FedAvg of the client segments every T_c iterations (Fed).
 
-PSL is the same function with Loc, Fed and Mix off.
+Vanilla SL (`relay`) is a scan over clients of steps 2-6 carrying the lower model.
+PSL is the shared round with every switch off.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfmjax import algorithms
+from lfmjax import accounting, algorithms
 from lfmjax.data import PARTITIONS, client_table, load_dataset, make_partition, preprocess
 from lfmjax.evaluate import eval_client_ids, make_evaluate, pad_to_chunks
 from lfmjax.models import MODEL_NAMES, get_model
@@ -57,6 +57,29 @@ def validate(config) -> None:
   need(config.local_loss_kind in ("bce", "mse"), "local_loss_kind", "use 'bce' or 'mse'")
   need(config.input.normalize in algorithms.NORMALIZATIONS, "input.normalize",
        f"use one of {', '.join(algorithms.NORMALIZATIONS)}")
+  need(0.0 < config.gradmix_fraction <= 1.0, "gradmix_fraction", "phi must be in (0, 1]")
+  for field in ("client_flops_per_s", "server_flops_per_s", "uplink_bytes_per_s",
+                "downlink_bytes_per_s"):
+    need(config.get(field) > 0, field, "rates must be positive")
+  check_composition(config)
+
+
+def check_composition(config) -> None:
+  """Switches the algorithm's structure cannot take (SPEC.md's table)."""
+  structure = algorithms.ALGORITHMS[config.algorithm]
+  switches = algorithms.resolve_switches(config)
+  if structure["server"] == "relay":
+    for name in ("fed", "mix", "gradmix"):
+      if switches[name]:
+        raise ConfigError(f"config.{name}=True: vanilla SL ({config.algorithm}) hands one "
+                          f"lower from client to client and has no {name}; unset it or "
+                          f"pick a parallel algorithm")
+  if structure["server"] != "shared" and switches["mix"]:
+    raise ConfigError(f"config.mix=True: SmashMix needs one shared server, and "
+                      f"{config.algorithm} steps per client; use psl, sglr or locfedmix")
+  if structure["download"] == "none" and config.local_ce_weight == 0.0:
+    raise ConfigError(f"config.local_ce_weight=0.0: {config.algorithm}'s clients receive no "
+                      f"gradient and learn only from the aux head; set it above 0")
 
 
 def model_input_shape(config, image_shape) -> tuple[int, int, int]:
@@ -106,7 +129,8 @@ class MetricsWriter:
   """Appends JSON lines to metrics.jsonl and evaluation rows to eval.csv."""
 
   EVAL_FIELDS = ("iteration", "epoch", "test_accuracy", "test_loss", "loss_real",
-                 "loss_mix", "loss_local", "loss_aux", "train_accuracy", "wall_s")
+                 "loss_mix", "loss_local", "loss_aux", "train_accuracy", "bytes_up",
+                 "bytes_down", "latency_s", "wall_s")
 
   def __init__(self, workdir: str | None):
     self.workdir = workdir
@@ -197,6 +221,12 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
       f"{config.model} | C={config.num_clients} B={config.batch_size} | "
       f"{config.num_iterations} iterations on {jax.devices()[0].platform}")
 
+  ledger = accounting.make_ledger(cfg, model, state, data)
+  latency = accounting.make_latency(cfg, model, state, data, ledger, accounting.Rates(
+      config.client_flops_per_s, config.server_flops_per_s, config.uplink_bytes_per_s,
+      config.downlink_bytes_per_s))
+  log(accounting.describe(ledger, latency))
+
   round_step = make_round_step(cfg, model, jit=False)
   chunk = config.steps_per_dispatch
   multi_step = make_multi_step(round_step, chunk)
@@ -231,13 +261,16 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
     if step % config.eval_every == 0 or step == config.num_iterations:
       record = evaluation_record(evaluate, state, data, client_ids, test, train_window,
                                  iters_per_epoch, time.perf_counter() - t_start)
+      record.update(ledger.totals(step), latency_s=round(latency.total(step), 6))
       train_window = []
       last_acc = record["test_accuracy"]
       writer.write(record)
       progress.close()  # ends the TTY's progress line before the evaluation line
       log(f"iter {record['iteration']:>6} | epoch {record['epoch']:7.2f} | test acc "
-          f"{100 * last_acc:6.2f}% | test loss {record['test_loss']:.4f} | L {record['loss_real']:.4f} "
-          f"L~ {record['loss_mix']:.4f} L^ {record['loss_local']:.4f}")
+          f"{100 * last_acc:6.2f}% | test loss {record['test_loss']:.4f} | L "
+          f"{record['loss_real']:.4f} L~ {record['loss_mix']:.4f} L^ {record['loss_local']:.4f}"
+          f" | {record['bytes_up'] / 2**20:.1f} MiB up, {record['bytes_down'] / 2**20:.1f} MiB "
+          f"down | simulated {format_seconds(record['latency_s'])}")
     progress.update(step, last_acc)
   progress.update(step, last_acc, force=True)
   progress.close()
@@ -253,6 +286,9 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
       "first_dispatch_s": round(compile_s or 0.0, 2),
       "iterations_per_s": round(config.num_iterations / max(train_s, 1e-9), 3),
       "total_s": round(time.perf_counter() - t_start, 2),
+      **ledger.totals(int(state.step)),
+      "latency_s": round(latency.total(int(state.step)), 6),
+      "latency_per_iteration_s": latency.iteration_s,
   }
   writer.write(summary)
   acc = "-" if last_acc is None else f"{100 * last_acc:.2f}%"

@@ -1,0 +1,20 @@
+"""Mix2SFL (Oh et al. 2024): PSL + SmashMix + GradMix + FedAvg.
+
+    python -m lfmjax.main --config=configs/mix2sfl.py --workdir=runs/mix2sfl
+
+Fashion-MNIST, 10 clients, bench_cnn, Adam 1e-3: configs/fmnist.py with only the
+algorithm changed, so runs of configs/<algorithm>.py differ in one field. Measured
+accuracy after the same short run for every algorithm: experiments/README.md.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import fmnist  # noqa: E402  (the base this variant overrides)
+
+
+def get_config():
+  c = fmnist.get_config()
+  c.algorithm = "mix2sfl"
+  c.gradmix_fraction = 0.5         # phi: half the clients get their mean gradient
+  return c

@@ -1,0 +1,5 @@
+"""Lets test modules share helpers (`from test_round import ...`)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
