@@ -2,8 +2,9 @@
 
     python -m lfmjax.main --config=configs/cifar.py --workdir=runs/cifar
 
-Expected: see BUILD.md ("Measured runs") for the accuracy this config reaches on 2 CPU
-cores; CIFAR-10 wants far more iterations than Fashion-MNIST, so this is a GPU-sized run.
+Expected: 62.41 % test accuracy after the 1,000 iterations (49.2 % at 250, 53.8 % at
+500, 60.2 % at 750), measured on 2 CPU cores in 33 minutes (0.5-0.6 it/s; the machine
+was shared with other jobs). Far from converged: on a GPU raise num_iterations.
 Data: the official python archive, an image-folder tree or tarball, or tfds (README).
 """
 from lfmjax.config import base_config
