@@ -478,9 +478,21 @@ def _folder_splits(records: dict[str, dict[str, list[tuple[str, np.ndarray]]]],
   return out[0], out[1]
 
 
+def _check_gzip_complete(path: Path) -> None:
+  """Reads a gzip file to its end: tarfile's streaming mode stops silently at a
+  truncated gzip stream, so an incomplete download would load as a smaller dataset."""
+  with open(path, "rb") as f:
+    if f.read(2) != b"\x1f\x8b":
+      return
+  with gzip.open(path, "rb") as f:
+    while f.read(1 << 22):
+      pass
+
+
 def _image_tar_splits(path: Path) -> tuple[Split, Split]:
   records: dict = {}
   try:
+    _check_gzip_complete(path)
     # Streaming mode ("r|*"): one sequential pass, no seeking through the gzip stream.
     with tarfile.open(path, "r|*") as tar:
       for member in tar:
