@@ -270,7 +270,7 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
           f"{100 * last_acc:6.2f}% | test loss {record['test_loss']:.4f} | L "
           f"{record['loss_real']:.4f} L~ {record['loss_mix']:.4f} L^ {record['loss_local']:.4f}"
           f" | {record['bytes_up'] / 2**20:.1f} MiB up, {record['bytes_down'] / 2**20:.1f} MiB "
-          f"down | simulated {format_seconds(record['latency_s'])}")
+          f"down | simulated {record['latency_s']:.1f}s")
     progress.update(step, last_acc)
   progress.update(step, last_acc, force=True)
   progress.close()
