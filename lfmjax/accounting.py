@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lfmjax import models
+from lfmjax import round as round_lib
 from lfmjax.algorithms import RoundConfig
-from lfmjax.data import preprocess
 from lfmjax.models import SplitModel
 from lfmjax.state import RoundData, RoundState
 
@@ -97,23 +98,19 @@ def averaged_client_bytes(cfg: RoundConfig, state: RoundState) -> int:
 def input_shapes(cfg: RoundConfig, data: RoundData):
   """Abstract (x_model, x01) of one client batch."""
   x = jax.ShapeDtypeStruct((cfg.batch_size,) + tuple(data.train_x.shape[1:]), jnp.uint8)
-  return jax.eval_shape(lambda x: preprocess(x, resize_to=cfg.resize_to, channels=cfg.channels,
-                                             normalize=cfg.normalize, mean=cfg.mean,
-                                             std=cfg.std), x)
+  return jax.eval_shape(cfg.preprocess, x)
 
 
-def smashed_shape(cfg: RoundConfig, model: SplitModel, state: RoundState, data: RoundData):
-  from lfmjax.models import apply_module
+def smashed_shape(cfg: RoundConfig, model: SplitModel, data: RoundData):
+  """Abstract smashed data of one client batch (B x S)."""
   x_model, _ = input_shapes(cfg, data)
-  lower = {"params": one_client(state.clients.params["lower"]),
-           **one_client(state.clients.stats["lower"])}
-  return jax.eval_shape(lambda v, x: apply_module(model.lower, v, x, train=True)[0],
-                        lower, x_model)
+  shape = models.smashed_shape(model, x_model.shape[1:])
+  return jax.ShapeDtypeStruct((cfg.batch_size,) + shape, x_model.dtype)
 
 
 def make_ledger(cfg: RoundConfig, model: SplitModel, state: RoundState,
                 data: RoundData) -> CommLedger:
-  s = smashed_shape(cfg, model, state, data)
+  s = smashed_shape(cfg, model, data)
   smashed = int(np.prod(s.shape)) * s.dtype.itemsize  # B * S(L)
   up = smashed + cfg.batch_size * LABEL_BYTES
   down = 0 if cfg.download == "none" else smashed
@@ -136,11 +133,10 @@ def compiled_flops(fn, *args) -> float:
 def count_flops(cfg: RoundConfig, model: SplitModel, state: RoundState, data: RoundData
                 ) -> tuple[float, float]:
   """(one client's FLOPs, the server's FLOPs) per iteration, from XLA's cost analysis."""
-  from lfmjax import round as round_lib
   client_forward = round_lib.make_client_forward(cfg, model)
   client_update = round_lib.make_client_update(cfg)
   x_model, x01 = input_shapes(cfg, data)
-  s = smashed_shape(cfg, model, state, data)
+  s = smashed_shape(cfg, model, data)
   y = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32)
   clients = one_client(state.clients)
 

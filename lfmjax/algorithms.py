@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lfmjax.data import preprocess
+
 # Each algorithm: its component switches (`None` in a config means "the algorithm's")
 # and its structure, which no switch changes:
 #   server:   shared     one server, one step on sum_k delta_k (L_k + L~_k)
@@ -98,6 +100,11 @@ class RoundConfig:
   normalize: str = "none"
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
+
+  def preprocess(self, x_uint8):
+    """uint8 images -> (x_model, x01) with this run's resize, channels, normalisation."""
+    return preprocess(x_uint8, resize_to=self.resize_to, channels=self.channels,
+                      normalize=self.normalize, mean=self.mean, std=self.std)
 
   @property
   def uses_decoder(self) -> bool:

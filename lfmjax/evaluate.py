@@ -15,7 +15,6 @@ import optax
 
 from lfmjax import components
 from lfmjax.algorithms import RoundConfig
-from lfmjax.data import preprocess
 from lfmjax.models import SplitModel, apply_module
 from lfmjax.state import RoundState
 
@@ -47,8 +46,7 @@ def make_evaluate(cfg: RoundConfig, model: SplitModel, *, chunk: int = 1000):
   """
 
   def logits_of(lower_vars, upper_vars, x_uint8):
-    x_model, _ = preprocess(x_uint8, resize_to=cfg.resize_to, channels=cfg.channels,
-                            normalize=cfg.normalize, mean=cfg.mean, std=cfg.std)
+    x_model, _ = cfg.preprocess(x_uint8)
     s, _ = apply_module(model.lower, lower_vars, x_model, train=False)
     logits, _ = apply_module(model.upper, upper_vars, s, train=False)
     return logits

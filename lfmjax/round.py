@@ -26,7 +26,7 @@ import optax
 
 from lfmjax import components
 from lfmjax.algorithms import RoundConfig
-from lfmjax.data import batch_indices, preprocess
+from lfmjax.data import batch_indices
 from lfmjax.models import SplitModel, apply_module
 from lfmjax.state import (ClientState, RoundData, RoundState, ServerState,
                           client_optimizer, server_optimizer)
@@ -46,9 +46,7 @@ def sample_batch(cfg: RoundConfig, state: RoundState, data: RoundData):
   """Every client's mini-batch for this step: (x_model, x01, y), each C x B x ...."""
   idx_CxB = batch_indices(jax.random.fold_in(state.key, TAG_BATCH), state.step,
                           data.idx_CxM, data.sizes_C, cfg.batch_size)
-  x_model, x01 = preprocess(data.train_x[idx_CxB], resize_to=cfg.resize_to,
-                            channels=cfg.channels, normalize=cfg.normalize,
-                            mean=cfg.mean, std=cfg.std)
+  x_model, x01 = cfg.preprocess(data.train_x[idx_CxB])
   return x_model, x01, data.train_y[idx_CxB]
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from lfmjax.algorithms import RoundConfig
+from lfmjax.data import client_weights
 from lfmjax.models import SplitModel, init_split
 
 CLIENT_MODULES = ("lower", "decoder", "aux_head")
@@ -86,13 +87,12 @@ def stack_clients(tree, num_clients: int):
 def make_data(train_x: np.ndarray, train_y: np.ndarray, idx_CxM: np.ndarray,
               sizes_C: np.ndarray) -> RoundData:
   """Puts the train split and the partition on the device."""
-  sizes = np.asarray(sizes_C, np.int64)
   return RoundData(
       train_x=jnp.asarray(train_x, jnp.uint8),
       train_y=jnp.asarray(train_y, jnp.int32),
       idx_CxM=jnp.asarray(idx_CxM, jnp.int32),
-      sizes_C=jnp.asarray(sizes, jnp.int32),
-      weights_C=jnp.asarray(sizes / sizes.sum(), jnp.float32))
+      sizes_C=jnp.asarray(sizes_C, jnp.int32),
+      weights_C=jnp.asarray(client_weights(sizes_C)))
 
 
 def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,

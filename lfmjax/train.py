@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lfmjax import accounting, algorithms
-from lfmjax.data import PARTITIONS, client_table, load_dataset, make_partition, preprocess
+from lfmjax.data import PARTITIONS, client_table, load_dataset, make_partition
 from lfmjax.evaluate import eval_client_ids, make_evaluate, pad_to_chunks
 from lfmjax.models import MODEL_NAMES, get_model
 from lfmjax.round import make_multi_step, make_round_step
@@ -211,9 +211,7 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
   except ValueError as e:
     raise ConfigError(f"config.model={config.model!r} / config.model_overrides: {e}") from None
   data = make_data(dataset.train_x, dataset.train_y, idx_CxM, sizes_C)
-  x_example, _ = preprocess(jnp.asarray(dataset.train_x[:config.batch_size]),
-                            resize_to=cfg.resize_to, channels=cfg.channels,
-                            normalize=cfg.normalize, mean=cfg.mean, std=cfg.std)
+  x_example, _ = cfg.preprocess(jnp.asarray(dataset.train_x[:config.batch_size]))
   state = init_state(cfg, model, jax.random.PRNGKey(seed), x_example)
   switches = algorithms.resolve_switches(config)
   log(f"lfmjax: {config.algorithm} (loc={switches['loc']}, fed={switches['fed']}, "
