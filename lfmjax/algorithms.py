@@ -82,6 +82,8 @@ class RoundConfig:
   fedavg: bool = True
   fedavg_every: int = 1                   # T_c
   fedavg_opt_state: bool = False
+  # Compute the clients as one shared model where that is exact (`clients_shared`).
+  shared_clients_shortcut: bool = True
   # GradMix (SGLR's SplitAvg): fraction phi of clients receiving their mean gradient.
   gradmix: bool = False
   gradmix_fraction: float = 0.5
@@ -113,6 +115,22 @@ class RoundConfig:
   @property
   def uses_aux_head(self) -> bool:
     return self.local_ce_weight != 0.0
+
+  @property
+  def clients_shared(self) -> bool:
+    """Whether the round may compute all clients with one shared copy of their segments.
+
+    With FedAvg after every iteration, every client starts each iteration from the same
+    segments (they all start from one initialisation), and with plain SGD (momentum
+    only if the optimiser states are averaged too) the average of the clients' steps
+    is one step on the delta-weighted sum of their gradients: sum_k d_k (w - eta g_k)
+    = w - eta sum_k d_k g_k. The round then runs every client's forward and backward
+    with one set of weights, unchanged results (to float rounding), and no per-client
+    weight copies in the arithmetic. Adam is not linear in the gradient: no shortcut.
+    """
+    return (self.shared_clients_shortcut and self.fedavg and self.fedavg_every == 1
+            and self.server_mode != "relay" and self.client_optimizer == "sgd"
+            and (self.momentum == 0.0 or self.fedavg_opt_state))
 
   @property
   def num_gradmix(self) -> int:

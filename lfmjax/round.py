@@ -15,6 +15,13 @@ computing, per SPEC.md and Oh et al. (LocFedMix-SL, WWW 2022):
 
 Vanilla SL (`relay`) is a scan over clients of steps 2-6 carrying the lower model.
 PSL is the shared round with every switch off.
+
+Where FedAvg follows every iteration and the client optimiser is plain SGD, every
+client holds the same segments at the start of each iteration and FedAvg of their
+steps is one step on the delta-weighted gradient, so steps 2, 3, 6 and 7 run as one
+shared model over all clients' data (`make_shared_client_phase`; `cfg.clients_shared`).
+Code tracing unbatched weights runs under `shared_weights()`, which lets the
+convolutions use XLA's own forward (`models.patch_conv`).
 """
 from __future__ import annotations
 
@@ -27,17 +34,19 @@ import optax
 from lfmjax import components
 from lfmjax.algorithms import RoundConfig
 from lfmjax.data import batch_indices
-from lfmjax.models import SplitModel, apply_module
+from lfmjax.models import SplitModel, apply_module, has_stem
+from lfmjax.models.patch_conv import shared_weights
 from lfmjax.state import (ClientState, RoundData, RoundState, ServerState,
-                          client_optimizer, server_optimizer)
+                          client_optimizer, server_optimizer, stack_clients)
 
 # fold_in tags: one independent stream of randomness per purpose.
 TAG_BATCH, TAG_MIX, TAG_ORDER, TAG_GRADMIX = 0, 1, 2, 3
 
 
-def _apply(module, params, stats, x, train: bool):
+def _apply(module, params, stats, x, train: bool, method: str | None = None):
   """Applies a flax module; returns (output, updated non-param collections)."""
-  out, variables = apply_module(module, {"params": params, **stats}, x, train=train)
+  out, variables = apply_module(module, {"params": params, **stats}, x, train=train,
+                                method=method)
   new_stats = {k: v for k, v in variables.items() if k != "params"}
   return out, new_stats
 
@@ -50,31 +59,63 @@ def sample_batch(cfg: RoundConfig, state: RoundState, data: RoundData):
   return x_model, x01, data.train_y[idx_CxB]
 
 
+def make_local_losses(cfg: RoundConfig, model: SplitModel):
+  """The local terms in use: InfoPro's reconstruction loss through the decoder (Loc)
+  and the aux head's CE. Returns {name: (module, loss(outputs, target), weight on
+  d/ds, target 'x01' | 'y')}, one client's loss on its head's outputs."""
+
+  def rec(logits, x01):
+    return components.reconstruction_loss(logits, x01, cfg.local_loss_kind)
+
+  terms = {}
+  if cfg.uses_decoder:
+    terms["decoder"] = (model.decoder, rec, cfg.local_loss_weight, "x01")
+  if cfg.uses_aux_head:
+    terms["aux_head"] = (model.aux_head, components.cross_entropy, cfg.local_ce_weight, "y")
+  return terms
+
+
+def apply_to_clients(module, params, stats, x_CxBx):
+  """One segment with one set of weights applied to every client's batch.
+
+  Without batch statistics the clients' batches are one batch (every convolution one
+  large one, traced under `shared_weights`); with them (BatchNorm) the segment is
+  vmapped over clients so each batch is normalised by itself, as on its own client.
+  Returns (out_CxBx..., new stats with a leading client axis).
+  """
+  num_clients, batch = x_CxBx.shape[:2]
+  if jax.tree.leaves(stats):
+    return jax.vmap(lambda x: _apply(module, params, stats, x, train=True))(x_CxBx)
+  with shared_weights():
+    out, new_stats = _apply(module, params, stats,
+                            x_CxBx.reshape((num_clients * batch,) + x_CxBx.shape[2:]),
+                            train=True)
+  return out.reshape((num_clients, batch) + out.shape[1:]), new_stats
+
+
+def _local_metrics(losses: dict, zero):
+  return losses.get("decoder", zero), losses.get("aux_head", zero)
+
+
 def make_client_forward(cfg: RoundConfig, model: SplitModel):
   """Per client: s, the VJP of the lower, and the local losses with their gradients."""
+  terms = make_local_losses(cfg, model)
 
   def local_losses(s, params, stats, x01, y):
     """Gradients of the local terms w.r.t. s and the client-side heads."""
-    zeros_s = jnp.zeros_like(s)
-    grads = {"decoder": jax.tree.map(jnp.zeros_like, params["decoder"]),
-             "aux_head": jax.tree.map(jnp.zeros_like, params["aux_head"])}
-    new_stats = {"decoder": stats["decoder"], "aux_head": stats["aux_head"]}
-    ds, loss_local, loss_aux = zeros_s, jnp.zeros(()), jnp.zeros(())
-    if cfg.uses_decoder:
-      def rec(s, p):
-        logits, st = _apply(model.decoder, p, stats["decoder"], s, train=True)
-        return components.reconstruction_loss(logits, x01, cfg.local_loss_kind), st
-      (loss_local, new_stats["decoder"]), (ds_rec, grads["decoder"]) = jax.value_and_grad(
-          rec, argnums=(0, 1), has_aux=True)(s, params["decoder"])
-      ds = ds + cfg.local_loss_weight * ds_rec
-    if cfg.uses_aux_head:
-      def aux(s, p):
-        logits, st = _apply(model.aux_head, p, stats["aux_head"], s, train=True)
-        return components.cross_entropy(logits, y), st
-      (loss_aux, new_stats["aux_head"]), (ds_aux, grads["aux_head"]) = jax.value_and_grad(
-          aux, argnums=(0, 1), has_aux=True)(s, params["aux_head"])
-      ds = ds + cfg.local_ce_weight * ds_aux
-    return ds, grads, new_stats, loss_local, loss_aux
+    targets = {"x01": x01, "y": y}
+    ds = jnp.zeros_like(s)
+    grads = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in ("decoder", "aux_head")}
+    new_stats = {name: stats[name] for name in ("decoder", "aux_head")}
+    losses = {}
+    for name, (module, loss_fn, weight, target) in terms.items():
+      def term(s, p, module=module, loss_fn=loss_fn, name=name, target=target):
+        out, st = _apply(module, p, stats[name], s, train=True)
+        return loss_fn(out, targets[target]), st
+      (losses[name], new_stats[name]), (ds_term, grads[name]) = jax.value_and_grad(
+          term, argnums=(0, 1), has_aux=True)(s, params[name])
+      ds = ds + weight * ds_term
+    return (ds, grads, new_stats) + _local_metrics(losses, jnp.zeros(()))
 
   def client_forward(params, stats, x_model, x01, y):
     def lower(p):
@@ -88,31 +129,144 @@ def make_client_forward(cfg: RoundConfig, model: SplitModel):
   return client_forward
 
 
+def make_shared_client_phase(cfg: RoundConfig, model: SplitModel):
+  """The clients' side of an iteration computed with one shared copy of their segments.
+
+  Exact when `cfg.clients_shared` (see there): FedAvg of every client's SGD step equals
+  one step of the shared segments on sum_k d_k g_k, so every client's data goes
+  through one set of weights (`apply_to_clients`) and each gradient is taken once, of
+  the d-weighted sum of the clients' losses. BatchNorm still normalises each client's
+  batch by itself, and the running statistics are averaged as FedAvg would.
+
+  Returns `forward(clients, x_model, x01, y, weights_C) -> (s_CxBxS, finish,
+  loss_local, loss_aux)`; `finish(g_CxBxS)` applies the downloaded gradients and
+  returns the next ClientState, every client holding the same copy.
+  """
+  terms = make_local_losses(cfg, model)
+  opt_c = client_optimizer(cfg)
+
+  def forward(clients: ClientState, x_model, x01, y_CxB, weights_C):
+    first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+    params, stats, opt_state = first(clients.params), first(clients.stats), first(
+        clients.opt_state)
+    targets = {"x01": x01, "y": y_CxB}
+    num_clients = weights_C.shape[0]
+
+    def to_clients(a):
+      return weights_C.astype(a.dtype).reshape((-1,) + (1,) * (a.ndim - 1)) * a
+
+    def lower_all(p):
+      return apply_to_clients(model.lower, p, stats["lower"], x_model)
+    s_CxBxS, lower_vjp, lower_stats_C = jax.vjp(lower_all, params["lower"], has_aux=True)
+    s_fixed = jax.lax.stop_gradient(s_CxBxS)
+    ds_local = jnp.zeros_like(s_CxBxS)
+    head_grads = {name: jax.tree.map(jnp.zeros_like, params[name])
+                  for name in ("decoder", "aux_head")}
+    new_stats_C = {"lower": lower_stats_C}
+    losses = {}
+    for name, (module, loss_fn, weight, target) in terms.items():
+      def total(s_C, p, module=module, loss_fn=loss_fn, name=name, target=target):
+        out_C, stats_C = apply_to_clients(module, p, stats[name], s_C)
+        loss_C = jax.vmap(loss_fn)(out_C, targets[target])
+        return jnp.sum(weights_C * loss_C), stats_C
+      (losses[name], new_stats_C[name]), (ds_term, head_grads[name]) = jax.value_and_grad(
+          total, argnums=(0, 1), has_aux=True)(s_fixed, params[name])
+      ds_local = ds_local + weight * ds_term
+    for name in ("decoder", "aux_head"):
+      new_stats_C.setdefault(name, stats[name])
+
+    def finish(g_CxBxS) -> ClientState:
+      # d-weighted: the cotangent of sum_k d_k (L_k + mu L^_k) w.r.t. every s_k.
+      (lower_grad,) = lower_vjp(to_clients(g_CxBxS) + ds_local)
+      grads = {"lower": lower_grad, **head_grads}
+      updates, new_opt = opt_c.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      new_stats = {name: (components.weighted_mean(new_stats_C[name], weights_C)
+                          if jax.tree.leaves(stats[name]) else stats[name])
+                   for name in new_stats_C}
+      return ClientState(*(stack_clients(t, num_clients)
+                           for t in (new_params, new_stats, new_opt)))
+
+    loss_local, loss_aux = _local_metrics(losses, jnp.zeros(()))
+    return s_CxBxS, finish, loss_local, loss_aux
+
+  return forward
+
+
+def stem_twice(stem_apply, params, stats, s):
+  """(z, z) with z = stem_apply(params, stats, s), computed once; the cotangent of the
+  second copy (SmashMix's, whose s is detached) reaches the parameters but not s.
+  The parameter gradient of both copies is one VJP of their summed cotangents."""
+
+  @jax.custom_vjp
+  def twice(params, stats, s):
+    z = stem_apply(params, stats, s)
+    return z, z
+
+  def fwd(params, stats, s):
+    z, vjp = jax.vjp(stem_apply, params, stats, s)
+    return (z, z), (vjp, stats)
+
+  def bwd(residuals, cotangents):
+    vjp, stats = residuals
+    dz, dz_mix = cotangents
+    dparams, _, _ = vjp(dz + dz_mix)
+    _, _, ds = vjp(dz)
+    return dparams, jax.tree.map(jnp.zeros_like, stats), ds
+
+  twice.defvjp(fwd, bwd)
+  return twice(params, stats, s)
+
+
 def make_server_loss(cfg: RoundConfig, model: SplitModel):
-  """sum_k delta_k (L_k + L~_k) as a function of (upper params, s_CxBxS)."""
+  """sum_k delta_k (L_k + L~_k) as a function of (upper params, s_CxBxS).
+
+  When the upper is split as head(stem(s)) with an affine stem (`models.has_stem`),
+  the mixed batches are formed from the stem outputs (lam stem(s_k) + (1 - lam)
+  stem(s_j) = stem(lam s_k + (1 - lam) s_j)), so the stem's forward and weight
+  gradient run once over the real batches instead of twice.
+  """
+  mix_after_stem = cfg.smashmix and has_stem(model.upper)
+
+  def mixed_loss(key_mix, params, stats, a_CxBx, y_CxB, weights_C, method):
+    num_clients, batch = y_CxB.shape
+    a_mix, y_mix = components.smashmix(key_mix, a_CxBx, y_CxB, cfg.num_classes,
+                                       cfg.mixup_alpha, cfg.num_mixed)
+    # Mixed batches are normalised by their own statistics; the running statistics
+    # follow the real batch alone.
+    mix_logits, _ = _apply(model.upper, params, stats,
+                           a_mix.reshape((-1,) + a_CxBx.shape[2:]), train=True,
+                           method=method)
+    mix_loss_CxN = jax.vmap(jax.vmap(components.soft_cross_entropy))(
+        mix_logits.reshape(num_clients, cfg.num_mixed, batch, -1), y_mix)
+    return jnp.sum(weights_C * mix_loss_CxN.mean(axis=1))
 
   def server_loss(params, stats, s_CxBxS, y_CxB, weights_C, key_mix):
     num_clients, batch = y_CxB.shape
     flat_s = s_CxBxS.reshape((num_clients * batch,) + s_CxBxS.shape[2:])
     # The server normalises over the concatenated batch it receives (BatchNorm).
-    logits, new_stats = _apply(model.upper, params, stats, flat_s, train=True)
+    if mix_after_stem:
+      def stem(p, st, s):
+        return _apply(model.upper, p, st, s, train=True, method="stem")[0]
+      if cfg.mix_grad_to_clients:
+        z = z_for_mix = stem(params, stats, flat_s)
+      else:
+        z, z_for_mix = stem_twice(stem, params, stats, flat_s)
+      logits, new_stats = _apply(model.upper, params, stats, z, train=True, method="head")
+    else:
+      logits, new_stats = _apply(model.upper, params, stats, flat_s, train=True)
     logits_CxBxK = logits.reshape(num_clients, batch, -1)
     loss_C = jax.vmap(components.cross_entropy)(logits_CxBxK, y_CxB)
     loss_real = jnp.sum(weights_C * loss_C)
     correct = jnp.mean(jnp.argmax(logits_CxBxK, -1) == y_CxB)
     loss_mix = jnp.zeros(())
-    if cfg.smashmix:
+    if mix_after_stem:
+      loss_mix = mixed_loss(key_mix, params, stats,
+                            z_for_mix.reshape((num_clients, batch) + z.shape[1:]),
+                            y_CxB, weights_C, "head")
+    elif cfg.smashmix:
       s_src = s_CxBxS if cfg.mix_grad_to_clients else jax.lax.stop_gradient(s_CxBxS)
-      s_mix, y_mix = components.smashmix(key_mix, s_src, y_CxB, cfg.num_classes,
-                                         cfg.mixup_alpha, cfg.num_mixed)
-      n = cfg.num_mixed
-      # Mixed batches are normalised by their own statistics; the running
-      # statistics follow the real batch alone.
-      mix_logits, _ = _apply(model.upper, params, stats,
-                             s_mix.reshape((-1,) + s_CxBxS.shape[2:]), train=True)
-      mix_loss_CxN = jax.vmap(jax.vmap(components.soft_cross_entropy))(
-          mix_logits.reshape(num_clients, n, batch, -1), y_mix)
-      loss_mix = jnp.sum(weights_C * mix_loss_CxN.mean(axis=1))
+      loss_mix = mixed_loss(key_mix, params, stats, s_src, y_CxB, weights_C, None)
     total = loss_real + loss_mix
     return total, (new_stats, loss_real, loss_mix, correct)
 
@@ -257,32 +411,43 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel):
     return ServerState(components.fedavg(server.params, weights_C),
                        components.fedavg(server.stats, weights_C), server.opt_state)
 
+  def per_client_forward(clients: ClientState, x_model, x01, y_CxB, weights_C):
+    """Every client with its own segments (vmapped); `finish` as the shared phase's."""
+    s_CxBxS, lower_vjp, ds_local, head_grads, new_stats, loss_local_C, loss_aux_C = (
+        jax.vmap(client_forward)(clients.params, clients.stats, x_model, x01, y_CxB))
+
+    def finish(g_CxBxS) -> ClientState:
+      new_params, new_opt = jax.vmap(client_update)(
+          clients.params, clients.opt_state, lower_vjp, g_CxBxS, ds_local, head_grads)
+      return ClientState(new_params, new_stats, new_opt)
+
+    return (s_CxBxS, finish, jnp.sum(weights_C * loss_local_C),
+            jnp.sum(weights_C * loss_aux_C))
+
+  clients_forward = (make_shared_client_phase(cfg, model) if cfg.clients_shared
+                     else per_client_forward)
+  server_weights_shared = cfg.server_mode != "per_client"
+
   def round_step(state: RoundState, data: RoundData):
     x_model, x01, y_CxB = sample_batch(cfg, state, data)
-    clients = state.clients
-
-    s_CxBxS, lower_vjp, ds_local, head_grads, new_client_stats, loss_local_C, loss_aux_C = (
-        jax.vmap(client_forward)(clients.params, clients.stats, x_model, x01, y_CxB))
-    new_server, g_CxBxS, server_metrics = server_phase(
-        state.server, s_CxBxS, y_CxB, data.weights_C, state.key, state.step)
+    s_CxBxS, finish, loss_local, loss_aux = clients_forward(
+        state.clients, x_model, x01, y_CxB, data.weights_C)
+    with shared_weights(server_weights_shared):
+      new_server, g_CxBxS, server_metrics = server_phase(
+          state.server, s_CxBxS, y_CxB, data.weights_C, state.key, state.step)
     g_CxBxS = download(cfg, g_CxBxS, state.key, state.step)
 
-    new_params, new_opt = jax.vmap(client_update)(
-        clients.params, clients.opt_state, lower_vjp, g_CxBxS, ds_local, head_grads)
-    new_clients = ClientState(new_params, new_client_stats, new_opt)
+    new_clients = finish(g_CxBxS)
     if cfg.fedavg:
       do_average = (state.step + 1) % cfg.fedavg_every == 0
-      new_clients = jax.lax.cond(do_average, average_clients, lambda c, w: c,
-                                 new_clients, data.weights_C)
+      if not cfg.clients_shared:  # the shared phase has averaged already
+        new_clients = jax.lax.cond(do_average, average_clients, lambda c, w: c,
+                                   new_clients, data.weights_C)
       if cfg.server_mode == "per_client":
         new_server = jax.lax.cond(do_average, average_server, lambda c, w: c,
                                   new_server, data.weights_C)
 
-    metrics = {
-        **server_metrics,
-        "loss_local": jnp.sum(data.weights_C * loss_local_C),
-        "loss_aux": jnp.sum(data.weights_C * loss_aux_C),
-    }
+    metrics = {**server_metrics, "loss_local": loss_local, "loss_aux": loss_aux}
     new_state = RoundState(step=state.step + 1, key=state.key, clients=new_clients,
                            server=new_server)
     return new_state, metrics
@@ -311,9 +476,10 @@ def make_relay_round(cfg: RoundConfig, model: SplitModel):
       params, stats, opt_state, x, x01_k, y = inputs
       params = {**params, "lower": lower_params}
       stats = {**stats, "lower": lower_stats}
-      s, lower_vjp, ds_local, head_grads, new_stats, loss_local, loss_aux = client_forward(
-          params, stats, x, x01_k, y)
-      server, (g, loss_k, acc) = server_step(server, s, y)
+      with shared_weights():  # one client at a time: no client axis on any weight
+        s, lower_vjp, ds_local, head_grads, new_stats, loss_local, loss_aux = client_forward(
+            params, stats, x, x01_k, y)
+        server, (g, loss_k, acc) = server_step(server, s, y)
       params, opt_state = client_update(params, opt_state, lower_vjp, g, ds_local, head_grads)
       return (params["lower"], new_stats["lower"], server), (
           params, new_stats, opt_state, loss_k, acc, loss_local, loss_aux)

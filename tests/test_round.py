@@ -108,7 +108,7 @@ def stack(trees):
   return jax.tree.map(lambda *l: jnp.stack(l), *trees)
 
 
-def client_grads(cfg, lower, dec, aux, x, y, g_s):
+def client_grads(cfg, lower, dec, aux, x, y, g_s, MODEL=MODEL):
   """A client's gradients: VJP of the download + mu * MI loss + w_ce * aux-head CE."""
   _, lower_vjp = jax.vjp(lambda w: apply(MODEL.lower, w, x), lower)
   (g_lower,) = lower_vjp(g_s)
@@ -152,7 +152,7 @@ def mixed_batches(cfg, key, step, smashed, ys):
   return mixes
 
 
-def reference_step(cfg: RoundConfig, state, data):
+def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
   """One iteration, client by client, from SPEC.md. Returns (new params dict, metrics)."""
   step = int(state.step)
   key = state.key
@@ -176,7 +176,8 @@ def reference_step(cfg: RoundConfig, state, data):
       losses[k], (g_upper, g_s) = jax.value_and_grad(
           lambda w, s: ce(apply(MODEL.upper, w, s), ys[k]), argnums=(0, 1))(upper, s_k)
       upper = sgd(upper, g_upper, lr_s)
-      g_lower, g_dec, g_aux = client_grads(cfg, lower, decs[k], auxs[k], xs[k], ys[k], g_s)
+      g_lower, g_dec, g_aux = client_grads(cfg, lower, decs[k], auxs[k], xs[k], ys[k], g_s,
+                                            MODEL)
       lower = sgd(lower, g_lower, lr_c)
       new_lowers.append(lower)
       new_decs.append(sgd(decs[k], g_dec, lr_c))
@@ -231,7 +232,8 @@ def reference_step(cfg: RoundConfig, state, data):
 
   new_lowers, new_decs, new_auxs = [], [], []
   for k in range(C):
-    g_lower, g_dec, g_aux = client_grads(cfg, lowers[k], decs[k], auxs[k], xs[k], ys[k], g[k])
+    g_lower, g_dec, g_aux = client_grads(cfg, lowers[k], decs[k], auxs[k], xs[k], ys[k], g[k],
+                                         MODEL)
     new_lowers.append(sgd(lowers[k], g_lower, lr_c))
     new_decs.append(sgd(decs[k], g_dec, lr_c))
     new_auxs.append(sgd(auxs[k], g_aux, lr_c))
@@ -283,6 +285,53 @@ def test_round_equals_plain_per_client_loop(name):
     state, metrics = round_step(state, data)
     chex.assert_trees_all_close(engine_params(state), expected, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss_real"], ref_metrics["loss_real"], rtol=1e-5)
+
+
+# bench_cnn exercises every fast path of the round: one shared model for the clients
+# (FedAvg + SGD), XLA convolutions with chunked im2col weight gradients and a chunked
+# first layer, the factored decoder, pooling before bias and ReLU, and SmashMix formed
+# after the upper's affine stem.
+BENCH = lfmjax.get_model("bench_cnn", num_classes=N_CLS, input_shape=(H, H, 1))
+BENCH_ALGOS = ["locfedmix", "psl", "mix2sfl", "sfl_v1", "sfl_v2", "locsplitfed", "sl",
+               "mix_psl"]
+
+
+@pytest.mark.parametrize("name", BENCH_ALGOS)
+def test_bench_cnn_round_equals_plain_per_client_loop(name):
+  overrides = dict(ALGOS[name])
+  base = overrides.pop("base", name)
+  cfg = algorithm_cfg(base, local_loss_weight=0.7, **overrides)
+  assert cfg.clients_shared == (cfg.fedavg and base != "sl")
+  data = make_data()
+  round_step = lfmjax.make_round_step(cfg, BENCH)
+  state = lfmjax.init_state(cfg, BENCH, jax.random.PRNGKey(1), jnp.zeros((B, H, H, 1)))
+  for _ in range(2):
+    expected, ref_metrics = reference_step(cfg, jax.tree.map(jnp.array, state), data, BENCH)
+    state, metrics = round_step(state, data)
+    chex.assert_trees_all_close(engine_params(state), expected, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(metrics["loss_real"], ref_metrics["loss_real"], rtol=1e-5)
+
+
+def test_shared_clients_shortcut_equals_per_client_path():
+  """The FedAvg shortcut against lfmjax's own per-client path, momentum included."""
+  cfg = algorithm_cfg("locfedmix", momentum=0.9, fedavg_opt_state=True)
+  assert cfg.clients_shared
+  plain = dataclasses.replace(cfg, shared_clients_shortcut=False)
+  assert not plain.clients_shared
+  assert not dataclasses.replace(cfg, client_optimizer="adam").clients_shared
+  assert not dataclasses.replace(cfg, fedavg_every=2).clients_shared
+  assert not dataclasses.replace(cfg, fedavg_opt_state=False).clients_shared
+  data = make_data()
+  x = jnp.zeros((B, H, H, 1))
+  fast = plain_state = lfmjax.init_state(cfg, BENCH, jax.random.PRNGKey(2), x)
+  plain_state = jax.tree.map(jnp.array, fast)
+  fast_step = lfmjax.make_round_step(cfg, BENCH)
+  plain_step = lfmjax.make_round_step(plain, BENCH)
+  for _ in range(3):
+    fast, m_fast = fast_step(fast, data)
+    plain_state, m_plain = plain_step(plain_state, data)
+    chex.assert_trees_all_close(fast, plain_state, atol=2e-5, rtol=2e-5)
+    chex.assert_trees_all_close(m_fast, m_plain, atol=1e-5, rtol=1e-5)
 
 
 def test_adam_round_equals_reference_with_optax():

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from lfmjax.models import bench_cnn, resnet, small, vgg
 from lfmjax.models.layers import CONV_IMPLS, AuxHead, Decoder, bilinear_resize
-from lfmjax.models.util import (SEGMENTS, SplitModel, apply_module, init_split,
+from lfmjax.models.util import (SEGMENTS, SplitModel, apply_module, has_stem, init_split,
                                 param_count, smashed_shape)
 
 # name -> (builder, default overrides). Builders take (num_classes, input_shape, **opts).
@@ -87,4 +87,4 @@ def get_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int],
 
 
 __all__ = ["AuxHead", "Decoder", "MODEL_NAMES", "SEGMENTS", "SplitModel", "apply_module",
-           "bilinear_resize", "get_model", "init_split", "param_count", "smashed_shape"]
+           "bilinear_resize", "get_model", "has_stem", "init_split", "param_count", "smashed_shape"]

@@ -15,37 +15,62 @@ from __future__ import annotations
 import jax
 import flax.linen as nn
 
-from lfmjax.models.layers import AuxHead, Decoder, flatten, max_pool2, torch_conv, torch_dense
+from lfmjax.models.layers import (AuxHead, Decoder, conv_layer, flatten, max_pool2,
+                                  torch_bias_init, torch_conv, torch_dense_fan_in)
 from lfmjax.models.util import SplitModel
 
-DEFAULTS = dict(decoder_hidden=12, conv_impl="patch")
+DEFAULTS = dict(decoder_hidden=12, conv_impl="auto")
 
 
 class BenchLower(nn.Module):
-  """Client segment: two conv-relu-pool stages (C -> 32 -> 64 channels)."""
-  conv_impl: str = "patch"
+  """Client segment: two conv-relu-pool stages (C -> 32 -> 64 channels).
+
+  Computed as relu(pool(conv(x))): the same numbers as torch's relu-then-pool (max
+  commutes with the monotone relu), with the relu on a quarter of the values.
+  """
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = max_pool2(nn.relu(torch_conv(32, x, impl=self.conv_impl, name="conv1")(x)))
-    return max_pool2(nn.relu(torch_conv(64, x, impl=self.conv_impl, name="conv2")(x)))
+    x = nn.relu(torch_conv(32, x, impl=self.conv_impl, pool=True, name="conv1")(x))
+    return nn.relu(torch_conv(64, x, impl=self.conv_impl, pool=True, name="conv2")(x))
 
 
 class BenchUpper(nn.Module):
-  """Server segment: conv-relu-pool (-> 128), flatten, dense 256 relu, dense K."""
-  num_classes: int
-  conv_impl: str = "patch"
+  """Server segment: conv-relu-pool (-> 128), flatten, dense 256 relu, dense K.
 
-  @nn.compact
+  Split as `head(stem(s))` with `stem` = conv3, affine in s: the round then computes
+  SmashMix's mixed batches from the stem outputs of the real ones (`models.util`).
+  `in_channels` and `flat_features` fix the layers' fan-ins (PyTorch's init) up front.
+  """
+  num_classes: int
+  in_channels: int = 64
+  flat_features: int = 2048
+  conv_impl: str = "auto"
+
+  def setup(self):
+    self.conv3 = conv_layer(128, kernel=3, padding=1,
+                            bias_init=torch_bias_init(9 * self.in_channels),
+                            impl=self.conv_impl)
+    self.fc1 = torch_dense_fan_in(256, self.flat_features)
+    self.fc2 = torch_dense_fan_in(self.num_classes, 256)
+
+  def stem(self, s: jax.Array, train: bool = False) -> jax.Array:
+    return self.conv3(s)
+
+  def head(self, z: jax.Array, train: bool = False) -> jax.Array:
+    x = flatten(nn.relu(max_pool2(z)))
+    return self.fc2(nn.relu(self.fc1(x)))
+
   def __call__(self, s: jax.Array, train: bool = False) -> jax.Array:
-    x = flatten(max_pool2(nn.relu(torch_conv(128, s, impl=self.conv_impl, name="conv3")(s))))
-    x = nn.relu(torch_dense(256, x, name="fc1")(x))
-    return torch_dense(self.num_classes, x, name="fc2")(x)
+    return self.head(self.stem(s, train), train)
 
 
 def build(num_classes: int, input_shape: tuple[int, int, int], *,
           decoder_hidden: int, conv_impl: str) -> SplitModel:
   h, w, c = input_shape
-  return SplitModel(lower=BenchLower(conv_impl), upper=BenchUpper(num_classes, conv_impl),
+  flat_features = (h // 2 // 2 // 2) * (w // 2 // 2 // 2) * 128  # three floor-ing pools
+  return SplitModel(lower=BenchLower(conv_impl),
+                    upper=BenchUpper(num_classes, 64, flat_features, conv_impl),
                     decoder=Decoder((h, w), c, decoder_hidden, conv_impl),
                     aux_head=AuxHead(num_classes), name="bench_cnn")

@@ -12,8 +12,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
-from lfmjax.models.patch_conv import PatchConv
+from lfmjax.models.patch_conv import PatchConv, max_pool2  # noqa: F401 (re-exported)
 
 # PyTorch's default for nn.Conv2d / nn.Linear weights is kaiming_uniform_(a=sqrt(5)),
 # i.e. U(-b, b) with b = gain * sqrt(3 / fan_in), gain = sqrt(2 / (1 + 5)):
@@ -39,33 +40,38 @@ def torch_bias_init(fan_in: int):
   return init
 
 
-# How convolutions are computed: 'patch' (default: im2col + matmul, `patch_conv.PatchConv`)
-# or 'lax' (flax's nn.Conv). Vmapped over per-client weights, 'lax' becomes a grouped
-# convolution whose weight gradient XLA:CPU computes slowly; measured on one bench_cnn
-# PSL round (10 clients x 32, 28x28x1, 2 CPU cores): 188 ms with 'patch', 519 ms with
-# 'lax'. Both have the same parameters (kernel HWIO, bias): variables are interchangeable.
-CONV_IMPLS = ("lax", "patch")
+# How convolutions are computed: 'auto' (default: im2col + matmul for per-client weights,
+# XLA's convolution with an im2col weight gradient where the round marks the weights as
+# shared; `patch_conv.PatchConv`), 'patch' (always im2col + matmul) or 'lax' (flax's
+# nn.Conv). Vmapped over per-client weights, 'lax' becomes a grouped convolution whose
+# gradient XLA:CPU computes slowly; measured on one bench_cnn PSL round (10 clients x
+# 32, 28x28x1, 2 CPU cores): 188 ms with 'patch', 519 ms with 'lax'. All three have the
+# same parameters (kernel HWIO, bias): variables are interchangeable.
+CONV_IMPLS = ("auto", "patch", "lax")
 
 
 def conv_layer(features: int, *, kernel: int, stride: int = 1, padding: int,
                use_bias: bool = True, kernel_init=torch_kernel_init,
-               bias_init=nn.initializers.zeros, impl: str = "patch",
-               name: str | None = None) -> nn.Module:
+               bias_init=nn.initializers.zeros, impl: str = "auto",
+               pool: bool = False, name: str | None = None) -> nn.Module:
   """Every convolution of the zoo goes through here: square kernel, explicit
   symmetric padding (flax's 'SAME' pads strided convs asymmetrically, PyTorch's
-  `padding=1` does not), and the implementation switch."""
-  if impl == "patch":
+  `padding=1` does not), and the implementation switch. `pool=True` appends PyTorch's
+  MaxPool2d(2) (fused into the layer for 'auto' and 'patch')."""
+  if impl in ("auto", "patch"):
     return PatchConv(features, kernel, stride, padding, use_bias, kernel_init, bias_init,
-                     name=name)
+                     impl, pool, name=name)
   if impl != "lax":
     raise ValueError(f"conv_impl={impl!r} must be one of {', '.join(CONV_IMPLS)}")
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+  conv = nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding),) * 2, use_bias=use_bias,
                  kernel_init=kernel_init, bias_init=bias_init, name=name)
+  return (lambda x: max_pool2(conv(x))) if pool else conv
 
 
 def torch_conv(features: int, x: jax.Array, *, kernel: int = 3, padding: int = 1,
-               impl: str = "patch", name: str | None = None) -> nn.Module:
+               impl: str = "auto", pool: bool = False, name: str | None = None
+               ) -> nn.Module:
   """A conv with PyTorch's default init (weights and bias U(-1/sqrt(fan_in), ..)).
 
   Call inside a compact method as `torch_conv(32, x)(x)`: `x` supplies the fan-in
@@ -73,25 +79,19 @@ def torch_conv(features: int, x: jax.Array, *, kernel: int = 3, padding: int = 1
   """
   fan_in = kernel * kernel * x.shape[-1]
   return conv_layer(features, kernel=kernel, padding=padding,
-                    bias_init=torch_bias_init(fan_in), impl=impl, name=name)
+                    bias_init=torch_bias_init(fan_in), impl=impl, pool=pool, name=name)
+
+
+def torch_dense_fan_in(features: int, fan_in: int, *, name: str | None = None) -> nn.Dense:
+  """nn.Dense with PyTorch's default nn.Linear init for a given fan-in."""
+  return nn.Dense(features, kernel_init=torch_kernel_init,
+                  bias_init=torch_bias_init(fan_in), name=name)
 
 
 def torch_dense(features: int, x: jax.Array, *, name: str | None = None) -> nn.Dense:
   """nn.Dense with PyTorch's default nn.Linear init (fan-in taken from `x`)."""
   return nn.Dense(features, kernel_init=torch_kernel_init,
                   bias_init=torch_bias_init(x.shape[-1]), name=name)
-
-
-def max_pool2(x_BxHxWxC: jax.Array) -> jax.Array:
-  """PyTorch's MaxPool2d(2): 2x2 windows, stride 2, odd sizes floor (7 -> 3).
-
-  Written as a reshape and a max rather than `nn.max_pool`: XLA:CPU's gradient of the
-  latter (select-and-scatter) is several times slower. The gradient differs only for
-  exact ties within a window, which it shares among them instead of picking one.
-  """
-  b, h, w, c = x_BxHxWxC.shape
-  x = x_BxHxWxC[:, :h // 2 * 2, :w // 2 * 2, :]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def flatten(x: jax.Array) -> jax.Array:
@@ -127,7 +127,7 @@ class Decoder(nn.Module):
   out_hw: tuple[int, int]
   out_channels: int
   hidden: int = 12
-  conv_impl: str = "patch"
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, s: jax.Array, train: bool = False) -> jax.Array:
@@ -135,7 +135,7 @@ class Decoder(nn.Module):
     if s.ndim == 2:
       logits = torch_dense(h * w * self.out_channels, s, name="fc")(s)
       return logits.reshape((s.shape[0], h, w, self.out_channels))
-    if self.conv_impl == "patch":
+    if self.conv_impl != "lax":
       x = UpsampleConv(self.hidden, self.out_hw, name="conv1")(s)
     else:
       x = bilinear_resize(s, self.out_hw)
@@ -144,27 +144,39 @@ class Decoder(nn.Module):
     return torch_conv(self.out_channels, x, impl=self.conv_impl, name="conv2")(x)
 
 
+def conv3x3_tap_matrices(out_n: int, in_n: int) -> np.ndarray:
+  """1-D operators of "bilinear upsampling in_n -> out_n, then tap a of a 3-tap,
+  zero-padded convolution": `M[a] = S_(a-1) @ U` (3 x out_n x in_n), U being the
+  interpolation matrix of `bilinear_resize` and S_d the shift by d with zeros outside."""
+  with jax.ensure_compile_time_eval():
+    eye = jnp.eye(in_n, dtype=jnp.float32)
+    u = np.asarray(jax.image.resize(eye, (out_n, in_n), method="bilinear"), np.float64)
+  padded = np.pad(u, ((1, 1), (0, 0)))
+  return np.stack([padded[a:a + out_n] for a in range(3)]).astype(np.float32)
+
+
 def upsample_conv3x3(s_BxhxwxC: jax.Array, kernel_3x3xCxF: jax.Array,
                      out_hw: Sequence[int]) -> jax.Array:
   """conv3x3(bilinear_resize(s, out_hw), kernel) with padding 1, computed cheaply.
 
   Upsampling acts on space and the kernel on channels, both linearly, so they commute:
-  each of the nine taps is applied to the small map first (one matmul to 9F channels at
-  the low resolution), then the 9F-channel result is upsampled and the taps are summed
-  at their shifts. Equal to the direct form up to float rounding, with about
-  (H*W)/(h*w) times fewer multiply-adds when F is small (the decoder's 12 channels).
+  the nine taps are applied to the small map first (one matmul to 9F channels at the
+  low resolution), then each spatial axis is upsampled *and* its three taps summed by
+  one small dense operator per axis (`conv3x3_tap_matrices`), so no 9F-channel map is
+  ever formed at the high resolution. Equal to the direct form up to float rounding,
+  with about (H*W)/(h*w) times fewer multiply-adds when F is small (the decoder's 12
+  channels) and a fraction of the memory traffic.
   """
   b, h, w, c = s_BxhxwxC.shape
   f = kernel_3x3xCxF.shape[-1]
-  taps = jnp.dot(s_BxhxwxC, kernel_3x3xCxF.transpose(2, 0, 1, 3).reshape(c, 9 * f))
-  up = jnp.pad(bilinear_resize(taps, out_hw), ((0, 0), (1, 1), (1, 1), (0, 0)))
   height, width = out_hw
-  out = 0.0
-  for i in range(3):
-    for j in range(3):
-      tap = (i * 3 + j) * f
-      out = out + up[:, i:i + height, j:j + width, tap:tap + f]
-  return out
+  taps_BxhxwxAxBxF = jnp.dot(
+      s_BxhxwxC, kernel_3x3xCxF.transpose(2, 0, 1, 3).reshape(c, 9 * f)
+  ).reshape(b, h, w, 3, 3, f)
+  rows_AxHxh = jnp.asarray(conv3x3_tap_matrices(height, h))
+  cols_AxWxw = jnp.asarray(conv3x3_tap_matrices(width, w))
+  y_BxHxwxBxF = jnp.einsum("aHi,biwacf->bHwcf", rows_AxHxh, taps_BxhxwxAxBxF)
+  return jnp.einsum("cWj,bHjcf->bHWf", cols_AxWxw, y_BxHxwxBxF)
 
 
 class UpsampleConv(nn.Module):

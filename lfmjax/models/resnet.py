@@ -29,7 +29,7 @@ from lfmjax.models.util import SplitModel
 
 # (channels, blocks, stride of the first block) per stage.
 STAGES = ((16, 2, 1), (32, 2, 2), (64, 3, 2))
-DEFAULTS = dict(cut_stage=2, decoder_hidden=12, conv_impl="patch")
+DEFAULTS = dict(cut_stage=2, decoder_hidden=12, conv_impl="auto")
 
 
 def conv(features: int, kernel: int, stride: int, impl: str, name: str) -> nn.Module:
@@ -47,7 +47,7 @@ class BasicBlock(nn.Module):
   """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU (He et al., 2016)."""
   features: int
   stride: int = 1
-  conv_impl: str = "patch"
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -74,7 +74,7 @@ def run_stages(x: jax.Array, stages: range, train: bool, impl: str) -> jax.Array
 class ResNetLower(nn.Module):
   """Client segment: conv1 + BN + ReLU, stages 1..cut_stage."""
   cut_stage: int = 2
-  conv_impl: str = "patch"
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -86,7 +86,7 @@ class ResNetUpper(nn.Module):
   """Server segment: stages cut_stage+1..3, global average pooling, dense."""
   num_classes: int
   cut_stage: int = 2
-  conv_impl: str = "patch"
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, s: jax.Array, train: bool = False) -> jax.Array:

@@ -12,14 +12,14 @@ import flax.linen as nn
 from lfmjax.models.layers import AuxHead, Decoder, flatten, max_pool2, torch_conv, torch_dense
 from lfmjax.models.util import SplitModel
 
-TINY_DEFAULTS = dict(width=4, decoder_hidden=12, conv_impl="patch")
+TINY_DEFAULTS = dict(width=4, decoder_hidden=12, conv_impl="auto")
 MLP_DEFAULTS = dict(hidden=128)
 
 
 class TinyLower(nn.Module):
   """conv3x3(C -> width) relu maxpool2."""
   width: int = 4
-  conv_impl: str = "patch"
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -45,8 +45,8 @@ def init_split(model: SplitModel, key: jax.Array, x_example_BxHxWxC: jax.Array
   return variables
 
 
-def apply_module(module: nn.Module, variables: dict, x: jax.Array, *, train: bool
-                 ) -> tuple[jax.Array, dict]:
+def apply_module(module: nn.Module, variables: dict, x: jax.Array, *, train: bool,
+                 method: str | None = None) -> tuple[jax.Array, dict]:
   """Applies a segment; returns (output, new_variables).
 
   With `train` and a 'batch_stats' collection, BatchNorm normalises over the batch and
@@ -54,9 +54,21 @@ def apply_module(module: nn.Module, variables: dict, x: jax.Array, *, train: boo
   come back unchanged. Pure: safe under jit, grad and vmap.
   """
   if train and "batch_stats" in variables:
-    out, mutated = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    out, mutated = module.apply(variables, x, train=True, method=method,
+                                mutable=["batch_stats"])
     return out, {**variables, **mutated}
-  return module.apply(variables, x, train=train), variables
+  return module.apply(variables, x, train=train, method=method), variables
+
+
+def has_stem(module: nn.Module) -> bool:
+  """Whether an upper segment is split as `head(stem(s))` with `stem` affine in s.
+
+  Such an upper defines `stem(s, train=False)`, affine in s and without batch
+  statistics, and `head(z, train=False)`, with `__call__(s) == head(stem(s))`. A
+  convex combination commutes with an affine map, so SmashMix's mixed batches can be
+  formed from the stem outputs of the real batches: the stem runs once, not twice.
+  """
+  return callable(getattr(module, "stem", None)) and callable(getattr(module, "head", None))
 
 
 def smashed_shape(model: SplitModel, input_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ from lfmjax.models.layers import (AuxHead, Decoder, conv_layer, flatten, max_poo
 from lfmjax.models.util import SplitModel
 
 DEFAULTS = dict(cut=2, batch_norm=False, widths=(32, 64, 128), hidden=256,
-                decoder_hidden=12, conv_impl="patch")
+                decoder_hidden=12, conv_impl="auto")
 CONVS_PER_BLOCK = 2
 
 
@@ -55,7 +55,7 @@ class VGGLower(nn.Module):
   """Client segment: the first `len(widths)` conv blocks."""
   widths: tuple[int, ...]
   batch_norm: bool = False
-  conv_impl: str = "patch"
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -69,7 +69,7 @@ class VGGUpper(nn.Module):
   num_classes: int
   hidden: int = 256
   batch_norm: bool = False
-  conv_impl: str = "patch"
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, s: jax.Array, train: bool = False) -> jax.Array:
