@@ -129,6 +129,20 @@ def make_client_forward(cfg: RoundConfig, model: SplitModel):
   return client_forward
 
 
+# Samples a group of clients holds in the shared phase's backward pass (below).
+GROUP_SAMPLES = 512
+
+
+def client_group_size(num_clients: int, batch_size: int) -> int:
+  """Clients per group of the shared phase's backward: about GROUP_SAMPLES samples,
+  dividing the number of clients; all of them when they hold fewer samples than twice
+  that."""
+  if num_clients * batch_size < 2 * GROUP_SAMPLES:
+    return num_clients
+  target = max(1, GROUP_SAMPLES // batch_size)
+  return max(d for d in range(1, target + 1) if num_clients % d == 0)
+
+
 def make_shared_client_phase(cfg: RoundConfig, model: SplitModel):
   """The clients' side of an iteration computed with one shared copy of their segments.
 
@@ -138,32 +152,35 @@ def make_shared_client_phase(cfg: RoundConfig, model: SplitModel):
   the d-weighted sum of the clients' losses. BatchNorm still normalises each client's
   batch by itself, and the running statistics are averaged as FedAvg would.
 
-  Returns `forward(clients, x_model, x01, y, weights_C) -> (s_CxBxS, finish,
-  loss_local, loss_aux)`; `finish(g_CxBxS)` applies the downloaded gradients and
-  returns the next ClientState, every client holding the same copy.
+  With many samples in all (1000 clients x 8), the backward runs as a `lax.scan` over
+  groups of clients (`client_group_size`) that recomputes each group's lower forward:
+  one more forward of the lower, but every group's activations stay in cache and the
+  program's temporary memory is one group's, not all clients'.
+
+  Returns `forward(clients, x_model, x01, y, weights_C) -> (s_CxBxS, finish)`;
+  `finish(g_CxBxS)` applies the downloaded gradients and returns (the next
+  ClientState, every client holding the same copy; loss_local; loss_aux).
   """
   terms = make_local_losses(cfg, model)
   opt_c = client_optimizer(cfg)
+  group = client_group_size(cfg.num_clients, cfg.batch_size)
+  head_names = ("decoder", "aux_head")
 
-  def forward(clients: ClientState, x_model, x01, y_CxB, weights_C):
-    first = lambda tree: jax.tree.map(lambda a: a[0], tree)
-    params, stats, opt_state = first(clients.params), first(clients.stats), first(
-        clients.opt_state)
+  def weighted(weights_C, a):
+    return weights_C.astype(a.dtype).reshape((-1,) + (1,) * (a.ndim - 1)) * a
+
+  def clients_terms(params, stats, x_model, x01, y_CxB, weights_C):
+    """s, the lower's VJP, and the local terms' d-weighted gradients for some clients."""
     targets = {"x01": x01, "y": y_CxB}
-    num_clients = weights_C.shape[0]
-
-    def to_clients(a):
-      return weights_C.astype(a.dtype).reshape((-1,) + (1,) * (a.ndim - 1)) * a
 
     def lower_all(p):
       return apply_to_clients(model.lower, p, stats["lower"], x_model)
     s_CxBxS, lower_vjp, lower_stats_C = jax.vjp(lower_all, params["lower"], has_aux=True)
     s_fixed = jax.lax.stop_gradient(s_CxBxS)
     ds_local = jnp.zeros_like(s_CxBxS)
-    head_grads = {name: jax.tree.map(jnp.zeros_like, params[name])
-                  for name in ("decoder", "aux_head")}
+    head_grads = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in head_names}
     new_stats_C = {"lower": lower_stats_C}
-    losses = {}
+    losses = {name: jnp.zeros(()) for name in head_names}
     for name, (module, loss_fn, weight, target) in terms.items():
       def total(s_C, p, module=module, loss_fn=loss_fn, name=name, target=target):
         out_C, stats_C = apply_to_clients(module, p, stats[name], s_C)
@@ -172,23 +189,59 @@ def make_shared_client_phase(cfg: RoundConfig, model: SplitModel):
       (losses[name], new_stats_C[name]), (ds_term, head_grads[name]) = jax.value_and_grad(
           total, argnums=(0, 1), has_aux=True)(s_fixed, params[name])
       ds_local = ds_local + weight * ds_term
-    for name in ("decoder", "aux_head"):
-      new_stats_C.setdefault(name, stats[name])
+    return s_CxBxS, lower_vjp, ds_local, head_grads, new_stats_C, losses
 
-    def finish(g_CxBxS) -> ClientState:
-      # d-weighted: the cotangent of sum_k d_k (L_k + mu L^_k) w.r.t. every s_k.
-      (lower_grad,) = lower_vjp(to_clients(g_CxBxS) + ds_local)
-      grads = {"lower": lower_grad, **head_grads}
+  def forward(clients: ClientState, x_model, x01, y_CxB, weights_C):
+    first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+    params, stats, opt_state = first(clients.params), first(clients.stats), first(
+        clients.opt_state)
+    num_clients = weights_C.shape[0]
+
+    def update(grads, new_stats_C, losses):
       updates, new_opt = opt_c.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
       new_stats = {name: (components.weighted_mean(new_stats_C[name], weights_C)
-                          if jax.tree.leaves(stats[name]) else stats[name])
-                   for name in new_stats_C}
-      return ClientState(*(stack_clients(t, num_clients)
-                           for t in (new_params, new_stats, new_opt)))
+                          if name in new_stats_C and jax.tree.leaves(stats[name])
+                          else stats[name])
+                   for name in ("lower",) + head_names}
+      new_clients = ClientState(*(stack_clients(t, num_clients)
+                                  for t in (new_params, new_stats, new_opt)))
+      return new_clients, losses["decoder"], losses["aux_head"]
 
-    loss_local, loss_aux = _local_metrics(losses, jnp.zeros(()))
-    return s_CxBxS, finish, loss_local, loss_aux
+    if group == num_clients:
+      s_CxBxS, lower_vjp, ds_local, head_grads, new_stats_C, losses = clients_terms(
+          params, stats, x_model, x01, y_CxB, weights_C)
+
+      def finish(g_CxBxS):
+        # d-weighted: the cotangent of sum_k d_k (L_k + mu L^_k) w.r.t. every s_k.
+        (lower_grad,) = lower_vjp(weighted(weights_C, g_CxBxS) + ds_local)
+        return update({"lower": lower_grad, **head_grads}, new_stats_C, losses)
+
+      return s_CxBxS, finish
+
+    to_groups = lambda a: a.reshape((num_clients // group, group) + a.shape[1:])
+    from_groups = lambda a: a.reshape((num_clients,) + a.shape[2:])
+    x_G, x01_G, y_G, w_G = map(to_groups, (x_model, x01, y_CxB, weights_C))
+    s_CxBxS = from_groups(jax.lax.map(
+        lambda x: apply_to_clients(model.lower, params["lower"], stats["lower"], x)[0], x_G))
+
+    def finish(g_CxBxS):
+      def one_group(grads, inputs):
+        x, x01_g, y, w, g = inputs
+        _, lower_vjp, ds_local, head_grads, new_stats_C, losses = clients_terms(
+            params, stats, x, x01_g, y, w)
+        (lower_grad,) = lower_vjp(weighted(w, g) + ds_local)
+        grads = jax.tree.map(jnp.add, grads, {"lower": lower_grad, **head_grads})
+        return grads, (new_stats_C, losses)
+
+      zeros = jax.tree.map(jnp.zeros_like, {"lower": params["lower"],
+                                            **{n: params[n] for n in head_names}})
+      grads, (new_stats_G, losses_G) = jax.lax.scan(
+          one_group, zeros, (x_G, x01_G, y_G, w_G, to_groups(g_CxBxS)))
+      return update(grads, jax.tree.map(from_groups, new_stats_G),
+                    jax.tree.map(jnp.sum, losses_G))
+
+    return s_CxBxS, finish
 
   return forward
 
@@ -416,13 +469,13 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel):
     s_CxBxS, lower_vjp, ds_local, head_grads, new_stats, loss_local_C, loss_aux_C = (
         jax.vmap(client_forward)(clients.params, clients.stats, x_model, x01, y_CxB))
 
-    def finish(g_CxBxS) -> ClientState:
+    def finish(g_CxBxS):
       new_params, new_opt = jax.vmap(client_update)(
           clients.params, clients.opt_state, lower_vjp, g_CxBxS, ds_local, head_grads)
-      return ClientState(new_params, new_stats, new_opt)
+      return (ClientState(new_params, new_stats, new_opt), jnp.sum(weights_C * loss_local_C),
+              jnp.sum(weights_C * loss_aux_C))
 
-    return (s_CxBxS, finish, jnp.sum(weights_C * loss_local_C),
-            jnp.sum(weights_C * loss_aux_C))
+    return s_CxBxS, finish
 
   clients_forward = (make_shared_client_phase(cfg, model) if cfg.clients_shared
                      else per_client_forward)
@@ -430,14 +483,13 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel):
 
   def round_step(state: RoundState, data: RoundData):
     x_model, x01, y_CxB = sample_batch(cfg, state, data)
-    s_CxBxS, finish, loss_local, loss_aux = clients_forward(
-        state.clients, x_model, x01, y_CxB, data.weights_C)
+    s_CxBxS, finish = clients_forward(state.clients, x_model, x01, y_CxB, data.weights_C)
     with shared_weights(server_weights_shared):
       new_server, g_CxBxS, server_metrics = server_phase(
           state.server, s_CxBxS, y_CxB, data.weights_C, state.key, state.step)
     g_CxBxS = download(cfg, g_CxBxS, state.key, state.step)
 
-    new_clients = finish(g_CxBxS)
+    new_clients, loss_local, loss_aux = finish(g_CxBxS)
     if cfg.fedavg:
       do_average = (state.step + 1) % cfg.fedavg_every == 0
       if not cfg.clients_shared:  # the shared phase has averaged already

@@ -19,6 +19,7 @@ import optax
 import pytest
 
 import lfmjax
+import lfmjax.round
 from lfmjax import components
 from lfmjax.algorithms import RoundConfig
 from lfmjax.data import batch_indices
@@ -310,6 +311,28 @@ def test_bench_cnn_round_equals_plain_per_client_loop(name):
     state, metrics = round_step(state, data)
     chex.assert_trees_all_close(engine_params(state), expected, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(metrics["loss_real"], ref_metrics["loss_real"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["locfedmix", "locsplitfed"])
+def test_grouped_shared_backward_equals_plain_per_client_loop(name, monkeypatch):
+  """Many clients: the shared phase's backward in groups, each recomputing its forward."""
+  monkeypatch.setattr(lfmjax.round, "GROUP_SAMPLES", B)
+  assert lfmjax.round.client_group_size(C, B) == 1
+  cfg = algorithm_cfg(name, local_loss_weight=0.7)
+  data = make_data()
+  round_step = lfmjax.make_round_step(cfg, BENCH)
+  state = lfmjax.init_state(cfg, BENCH, jax.random.PRNGKey(1), jnp.zeros((B, H, H, 1)))
+  for _ in range(2):
+    expected, ref_metrics = reference_step(cfg, jax.tree.map(jnp.array, state), data, BENCH)
+    state, metrics = round_step(state, data)
+    chex.assert_trees_all_close(engine_params(state), expected, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(metrics["loss_real"], ref_metrics["loss_real"], rtol=1e-5)
+
+
+def test_client_group_size():
+  assert lfmjax.round.client_group_size(10, 32) == 10  # 320 samples: one group
+  assert lfmjax.round.client_group_size(1000, 8) == 50  # 512 // 8 = 64 -> divisor 50
+  assert lfmjax.round.client_group_size(97, 16) == 1  # prime: groups of one client
 
 
 def test_shared_clients_shortcut_equals_per_client_path():

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from lfmjax.models.patch_conv import PatchConv, max_pool2  # noqa: F401 (re-exported)
+from lfmjax.models.patch_conv import PatchConv, add_bias, max_pool2  # noqa: F401 (re-exported)
 
 # PyTorch's default for nn.Conv2d / nn.Linear weights is kaiming_uniform_(a=sqrt(5)),
 # i.e. U(-b, b) with b = gain * sqrt(3 / fan_in), gain = sqrt(2 / (1 + 5)):
@@ -190,7 +190,7 @@ class UpsampleConv(nn.Module):
     fan_in = 9 * s.shape[-1]
     kernel = self.param("kernel", torch_kernel_init, (3, 3, s.shape[-1], self.features))
     bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
-    return upsample_conv3x3(s, kernel, self.out_hw) + bias
+    return add_bias(upsample_conv3x3(s, kernel, self.out_hw), bias)
 
 
 class AuxHead(nn.Module):
