@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/fmnist
 
-.PHONY: demo test venv fmnist clean
+.PHONY: demo test bench venv fmnist clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: venv fmnist
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# The throughput of LocFedMix-SL's round against the PyTorch loop (BUILD.md: Speed).
+bench: venv
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m lfmjax.bench --out runs/bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -11,9 +11,10 @@ are inferred at init, so every model accepts any reasonable input size.
   tiny_cnn   one conv layer; for fast tests
   mlp        dense 128 | dense K; for fast tests
 
-Every conv model takes the override `conv_impl`: 'patch' (default; im2col + matmul,
-`patch_conv.PatchConv`, the fast choice when convolutions are vmapped over per-client
-weights on CPU) or 'lax' (flax's nn.Conv). Variables are the same for both.
+Every conv model takes the override `conv_impl`: 'auto' (default; im2col + matmul
+for per-client weights, XLA's convolution with chunked im2col weight gradients where
+the round marks the weights as shared: `patch_conv.PatchConv`), 'patch' (always
+im2col + matmul) or 'lax' (flax's nn.Conv). Variables are the same for all three.
 """
 from __future__ import annotations
 
