@@ -297,12 +297,8 @@ BENCH_ALGOS = ["locfedmix", "psl", "mix2sfl", "sfl_v1", "sfl_v2", "locsplitfed",
                "mix_psl"]
 
 
-@pytest.mark.parametrize("name", BENCH_ALGOS)
-def test_bench_cnn_round_equals_plain_per_client_loop(name):
-  overrides = dict(ALGOS[name])
-  base = overrides.pop("base", name)
-  cfg = algorithm_cfg(base, local_loss_weight=0.7, **overrides)
-  assert cfg.clients_shared == (cfg.fedavg and base != "sl")
+def assert_bench_round_matches_reference(cfg):
+  """Two bench_cnn iterations of lfmjax's round against the plain per-client loop."""
   data = make_data()
   round_step = lfmjax.make_round_step(cfg, BENCH)
   state = lfmjax.init_state(cfg, BENCH, jax.random.PRNGKey(1), jnp.zeros((B, H, H, 1)))
@@ -311,6 +307,15 @@ def test_bench_cnn_round_equals_plain_per_client_loop(name):
     state, metrics = round_step(state, data)
     chex.assert_trees_all_close(engine_params(state), expected, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(metrics["loss_real"], ref_metrics["loss_real"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", BENCH_ALGOS)
+def test_bench_cnn_round_equals_plain_per_client_loop(name):
+  overrides = dict(ALGOS[name])
+  base = overrides.pop("base", name)
+  cfg = algorithm_cfg(base, local_loss_weight=0.7, **overrides)
+  assert cfg.clients_shared == (cfg.fedavg and base != "sl")
+  assert_bench_round_matches_reference(cfg)
 
 
 @pytest.mark.parametrize("name", ["locfedmix", "locsplitfed"])
@@ -319,14 +324,7 @@ def test_grouped_shared_backward_equals_plain_per_client_loop(name, monkeypatch)
   monkeypatch.setattr(lfmjax.round, "GROUP_SAMPLES", B)
   assert lfmjax.round.client_group_size(C, B) == 1
   cfg = algorithm_cfg(name, local_loss_weight=0.7)
-  data = make_data()
-  round_step = lfmjax.make_round_step(cfg, BENCH)
-  state = lfmjax.init_state(cfg, BENCH, jax.random.PRNGKey(1), jnp.zeros((B, H, H, 1)))
-  for _ in range(2):
-    expected, ref_metrics = reference_step(cfg, jax.tree.map(jnp.array, state), data, BENCH)
-    state, metrics = round_step(state, data)
-    chex.assert_trees_all_close(engine_params(state), expected, atol=2e-5, rtol=2e-5)
-    np.testing.assert_allclose(metrics["loss_real"], ref_metrics["loss_real"], rtol=1e-5)
+  assert_bench_round_matches_reference(cfg)
 
 
 def test_client_group_size():
