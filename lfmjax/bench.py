@@ -38,14 +38,18 @@ TORCH_REFERENCE = Path(__file__).with_name("torch_reference.py")
 
 
 def round_config(clients: int, batch: int, algo: str):
-  """The torch reference's iteration as a RoundConfig (`algo`: locfedmix | psl)."""
-  from lfmjax.algorithms import RoundConfig
-  switches = {} if algo == "locfedmix" else dict(local_loss=False, smashmix=False,
-                                                  fedavg=False)
-  return RoundConfig(num_clients=clients, batch_size=batch, num_classes=NUM_CLASSES,
-                     local_loss_weight=1.0, num_mixed=1, mixup_alpha=2.0,
-                     client_optimizer="sgd", client_lr=0.01, server_optimizer="sgd",
-                     server_lr=0.01, **switches)
+  """The torch reference's iteration as a RoundConfig (`algo`: locfedmix | psl), built
+  the way a run's config is: base_config's defaults (mu = 1, one SmashMix batch,
+  Beta(2, 2), FedAvg every iteration) with SGD 0.01 on both sides."""
+  from lfmjax.algorithms import round_config_from
+  from lfmjax.config import base_config
+  config = base_config()
+  config.algorithm = algo
+  config.num_clients = clients
+  config.batch_size = batch
+  config.client_optimizer = "sgd"
+  config.client_lr = 0.01
+  return round_config_from(config, NUM_CLASSES)
 
 
 def peak_rss_mib() -> float:

@@ -91,12 +91,14 @@ def smashmix(key: jax.Array, s_CxBxS: jax.Array, y_CxB: jax.Array, num_classes: 
   return jax.vmap(per_client)(keys_CxN, s_CxBxS, y_CxB, partner_CxN)
 
 
+def scale_clients(weights_C: jax.Array, a_Cx: jax.Array) -> jax.Array:
+  """w_k * a_k for every client k (the weights broadcast over a's other axes)."""
+  return weights_C.astype(a_Cx.dtype).reshape((-1,) + (1,) * (a_Cx.ndim - 1)) * a_Cx
+
+
 def weighted_mean(tree_C, weights_C: jax.Array):
   """Tree-wise weighted mean over the leading client axis: sum_k w_k leaf_k."""
-  def mean(leaf):
-    w = weights_C.astype(leaf.dtype).reshape((-1,) + (1,) * (leaf.ndim - 1))
-    return jnp.sum(w * leaf, axis=0)
-  return jax.tree.map(mean, tree_C)
+  return jax.tree.map(lambda leaf: jnp.sum(scale_clients(weights_C, leaf), axis=0), tree_C)
 
 
 def fedavg(tree_C, weights_C: jax.Array):

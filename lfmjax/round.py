@@ -75,6 +75,29 @@ def make_local_losses(cfg: RoundConfig, model: SplitModel):
   return terms
 
 
+HEADS = ("decoder", "aux_head")
+
+
+def local_term_gradients(terms: dict, s, params, stats, targets: dict, term_loss):
+  """Every local term's loss and gradients, accumulated as the client update needs.
+
+  `term_loss(module, loss_fn, s, head_params, head_stats, target) -> (loss, stats)` is
+  one term's loss (one client's, or the d-weighted sum over clients). Returns
+  (ds = sum_t weight_t dL_t/ds, each head's gradient (zeros if unused), the used heads'
+  new stats, the used heads' losses).
+  """
+  ds = jnp.zeros_like(s)
+  grads = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in HEADS}
+  new_stats, losses = {}, {}
+  for name, (module, loss_fn, weight, target) in terms.items():
+    def loss(s, p, module=module, loss_fn=loss_fn, name=name, target=target):
+      return term_loss(module, loss_fn, s, p, stats[name], targets[target])
+    (losses[name], new_stats[name]), (ds_term, grads[name]) = jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True)(s, params[name])
+    ds = ds + weight * ds_term
+  return ds, grads, new_stats, losses
+
+
 def apply_to_clients(module, params, stats, x_CxBx):
   """One segment with one set of weights applied to every client's batch.
 
@@ -101,20 +124,15 @@ def make_client_forward(cfg: RoundConfig, model: SplitModel):
   """Per client: s, the VJP of the lower, and the local losses with their gradients."""
   terms = make_local_losses(cfg, model)
 
+  def one_client_loss(module, loss_fn, s, p, stats, target):
+    out, new_stats = _apply(module, p, stats, s, train=True)
+    return loss_fn(out, target), new_stats
+
   def local_losses(s, params, stats, x01, y):
     """Gradients of the local terms w.r.t. s and the client-side heads."""
-    targets = {"x01": x01, "y": y}
-    ds = jnp.zeros_like(s)
-    grads = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in ("decoder", "aux_head")}
-    new_stats = {name: stats[name] for name in ("decoder", "aux_head")}
-    losses = {}
-    for name, (module, loss_fn, weight, target) in terms.items():
-      def term(s, p, module=module, loss_fn=loss_fn, name=name, target=target):
-        out, st = _apply(module, p, stats[name], s, train=True)
-        return loss_fn(out, targets[target]), st
-      (losses[name], new_stats[name]), (ds_term, grads[name]) = jax.value_and_grad(
-          term, argnums=(0, 1), has_aux=True)(s, params[name])
-      ds = ds + weight * ds_term
+    ds, grads, head_stats, losses = local_term_gradients(
+        terms, s, params, stats, {"x01": x01, "y": y}, one_client_loss)
+    new_stats = {**{name: stats[name] for name in HEADS}, **head_stats}
     return (ds, grads, new_stats) + _local_metrics(losses, jnp.zeros(()))
 
   def client_forward(params, stats, x_model, x01, y):
@@ -164,32 +182,23 @@ def make_shared_client_phase(cfg: RoundConfig, model: SplitModel):
   terms = make_local_losses(cfg, model)
   opt_c = client_optimizer(cfg)
   group = client_group_size(cfg.num_clients, cfg.batch_size)
-  head_names = ("decoder", "aux_head")
-
-  def weighted(weights_C, a):
-    return weights_C.astype(a.dtype).reshape((-1,) + (1,) * (a.ndim - 1)) * a
 
   def clients_terms(params, stats, x_model, x01, y_CxB, weights_C):
     """s, the lower's VJP, and the local terms' d-weighted gradients for some clients."""
-    targets = {"x01": x01, "y": y_CxB}
-
     def lower_all(p):
       return apply_to_clients(model.lower, p, stats["lower"], x_model)
     s_CxBxS, lower_vjp, lower_stats_C = jax.vjp(lower_all, params["lower"], has_aux=True)
-    s_fixed = jax.lax.stop_gradient(s_CxBxS)
-    ds_local = jnp.zeros_like(s_CxBxS)
-    head_grads = {name: jax.tree.map(jnp.zeros_like, params[name]) for name in head_names}
-    new_stats_C = {"lower": lower_stats_C}
-    losses = {name: jnp.zeros(()) for name in head_names}
-    for name, (module, loss_fn, weight, target) in terms.items():
-      def total(s_C, p, module=module, loss_fn=loss_fn, name=name, target=target):
-        out_C, stats_C = apply_to_clients(module, p, stats[name], s_C)
-        loss_C = jax.vmap(loss_fn)(out_C, targets[target])
-        return jnp.sum(weights_C * loss_C), stats_C
-      (losses[name], new_stats_C[name]), (ds_term, head_grads[name]) = jax.value_and_grad(
-          total, argnums=(0, 1), has_aux=True)(s_fixed, params[name])
-      ds_local = ds_local + weight * ds_term
-    return s_CxBxS, lower_vjp, ds_local, head_grads, new_stats_C, losses
+
+    def weighted_loss(module, loss_fn, s_C, p, head_stats, target_C):
+      out_C, stats_C = apply_to_clients(module, p, head_stats, s_C)
+      return jnp.sum(weights_C * jax.vmap(loss_fn)(out_C, target_C)), stats_C
+
+    ds_local, head_grads, head_stats_C, used = local_term_gradients(
+        terms, jax.lax.stop_gradient(s_CxBxS), params, stats, {"x01": x01, "y": y_CxB},
+        weighted_loss)
+    losses = {name: used.get(name, jnp.zeros(())) for name in HEADS}
+    return (s_CxBxS, lower_vjp, ds_local, head_grads, {"lower": lower_stats_C, **head_stats_C},
+            losses)
 
   def forward(clients: ClientState, x_model, x01, y_CxB, weights_C):
     first = lambda tree: jax.tree.map(lambda a: a[0], tree)
@@ -200,10 +209,10 @@ def make_shared_client_phase(cfg: RoundConfig, model: SplitModel):
     def update(grads, new_stats_C, losses):
       updates, new_opt = opt_c.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
+      # FedAvg of the statistics; heads whose term is unused keep theirs.
       new_stats = {name: (components.weighted_mean(new_stats_C[name], weights_C)
-                          if name in new_stats_C and jax.tree.leaves(stats[name])
-                          else stats[name])
-                   for name in ("lower",) + head_names}
+                          if name in new_stats_C else stats[name])
+                   for name in ("lower",) + HEADS}
       new_clients = ClientState(*(stack_clients(t, num_clients)
                                   for t in (new_params, new_stats, new_opt)))
       return new_clients, losses["decoder"], losses["aux_head"]
@@ -214,7 +223,7 @@ def make_shared_client_phase(cfg: RoundConfig, model: SplitModel):
 
       def finish(g_CxBxS):
         # d-weighted: the cotangent of sum_k d_k (L_k + mu L^_k) w.r.t. every s_k.
-        (lower_grad,) = lower_vjp(weighted(weights_C, g_CxBxS) + ds_local)
+        (lower_grad,) = lower_vjp(components.scale_clients(weights_C, g_CxBxS) + ds_local)
         return update({"lower": lower_grad, **head_grads}, new_stats_C, losses)
 
       return s_CxBxS, finish
@@ -230,12 +239,12 @@ def make_shared_client_phase(cfg: RoundConfig, model: SplitModel):
         x, x01_g, y, w, g = inputs
         _, lower_vjp, ds_local, head_grads, new_stats_C, losses = clients_terms(
             params, stats, x, x01_g, y, w)
-        (lower_grad,) = lower_vjp(weighted(w, g) + ds_local)
+        (lower_grad,) = lower_vjp(components.scale_clients(w, g) + ds_local)
         grads = jax.tree.map(jnp.add, grads, {"lower": lower_grad, **head_grads})
         return grads, (new_stats_C, losses)
 
       zeros = jax.tree.map(jnp.zeros_like, {"lower": params["lower"],
-                                            **{n: params[n] for n in head_names}})
+                                            **{n: params[n] for n in HEADS}})
       grads, (new_stats_G, losses_G) = jax.lax.scan(
           one_group, zeros, (x_G, x01_G, y_G, w_G, to_groups(g_CxBxS)))
       return update(grads, jax.tree.map(from_groups, new_stats_G),
