@@ -68,4 +68,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 100                 # iterations between test evaluations
   c.eval_clients = 20                # clients evaluated when lowers differ (0: all)
   c.eval_chunk = 1000                # test samples per evaluation batch
+  c.checkpoint_every = 500           # iterations between checkpoints in --workdir (0: none)
+  c.keep_checkpoints = 3             # checkpoints kept (the newest)
   return c

@@ -41,13 +41,27 @@ def main(argv):
   if _CONFIG.value is None:
     print("error: --config is required, e.g. --config=configs/fmnist.py", file=sys.stderr)
     return 2
-  from lfmjax.data import DatasetError  # deferred: --list and --help stay instant
-  from lfmjax.train import ConfigError, train_and_evaluate
+  return run_config(_CONFIG.value, _WORKDIR.value)
+
+
+def run_config(config, workdir: str | None) -> int:
+  """Runs one config; returns the exit status. Bad input (config, data, workdir) is one
+  line and status 2; a non-finite loss, 1; SIGINT/SIGTERM, 128 + the signal's number
+  after saving a checkpoint."""
+  from lfmjax.checkpoint import CheckpointError  # deferred: --list and --help stay instant
+  from lfmjax.data import DatasetError
+  from lfmjax.train import ConfigError, Interrupted, TrainingError, train_and_evaluate
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DatasetError) as e:
+    train_and_evaluate(config, workdir)
+  except (ConfigError, DatasetError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except TrainingError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except Interrupted as e:
+    print(str(e), file=sys.stderr)
+    return 128 + e.signum
   return 0
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -20,7 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lfmjax import accounting, algorithms
+from lfmjax.checkpoint import (CheckpointError, Checkpoints, check_workdir,
+                               partition_fingerprint)
 from lfmjax.data import PARTITIONS, client_table, load_dataset, make_partition
+from lfmjax.data.datasets import canonical_name
 from lfmjax.evaluate import eval_client_ids, make_evaluate, pad_to_chunks
 from lfmjax.models import MODEL_NAMES, get_model
 from lfmjax.round import make_multi_step, make_round_step
@@ -29,6 +35,18 @@ from lfmjax.state import RoundState, init_state, make_data
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the field and the fix."""
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (a non-finite loss); the message names the iteration."""
+
+
+class Interrupted(Exception):
+  """SIGINT or SIGTERM arrived; the run saved a checkpoint (if it has a workdir)."""
+
+  def __init__(self, signum: int, message: str):
+    super().__init__(message)
+    self.signum = signum
 
 
 def validate(config) -> None:
@@ -46,22 +64,48 @@ def validate(config) -> None:
        f"use one of {', '.join(algorithms.OPTIMIZERS)}")
   need(config.server_optimizer in (None, *algorithms.OPTIMIZERS), "server_optimizer",
        f"use one of {', '.join(algorithms.OPTIMIZERS)} (or leave unset)")
-  need(config.client_lr > 0, "client_lr", "must be positive")
-  need(config.server_lr is None or config.server_lr > 0, "server_lr", "must be positive")
+  need(known_dataset(config.dataset), "dataset", "use fashion_mnist or cifar10")
+  need(positive(config.client_lr), "client_lr", "the learning rate must be a positive number")
+  need(config.server_lr is None or positive(config.server_lr), "server_lr",
+       "the learning rate must be a positive number (or leave it unset)")
+  need(math.isfinite(config.server_lr_exponent), "server_lr_exponent", "must be a number")
+  need(0.0 <= config.momentum < 1.0, "momentum", "must be in [0, 1)")
   need(config.fedavg_every >= 1, "fedavg_every", "T_c must be at least 1")
   need(config.num_mixed >= 1, "num_mixed", "n_s must be at least 1")
-  need(config.mixup_alpha > 0, "mixup_alpha", "must be positive")
+  need(positive(config.mixup_alpha), "mixup_alpha", "Beta(alpha, alpha) needs alpha > 0")
+  need(positive(config.dirichlet_alpha), "dirichlet_alpha", "Dirichlet needs alpha > 0")
+  need(0.0 <= config.mu < math.inf, "mu", "the local-loss weight must be >= 0")
+  need(config.local_ce_weight is None or 0.0 <= config.local_ce_weight < math.inf,
+       "local_ce_weight", "must be >= 0 (or leave it unset)")
+  need(config.classes_per_client >= 1, "classes_per_client", "must be at least 1")
+  need(config.samples_per_client >= 1, "samples_per_client", "must be at least 1")
   need(config.num_iterations >= 0, "num_iterations", "must be non-negative")
   need(config.steps_per_dispatch >= 1, "steps_per_dispatch", "must be at least 1")
   need(config.eval_every >= 1, "eval_every", "must be at least 1")
+  need(config.eval_clients >= 0, "eval_clients", "must be >= 0 (0: all clients)")
+  need(config.eval_chunk >= 1, "eval_chunk", "must be at least 1")
+  need(config.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: no checkpoints)")
+  need(config.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
   need(config.local_loss_kind in ("bce", "mse"), "local_loss_kind", "use 'bce' or 'mse'")
   need(config.input.normalize in algorithms.NORMALIZATIONS, "input.normalize",
        f"use one of {', '.join(algorithms.NORMALIZATIONS)}")
   need(0.0 < config.gradmix_fraction <= 1.0, "gradmix_fraction", "phi must be in (0, 1]")
   for field in ("client_flops_per_s", "server_flops_per_s", "uplink_bytes_per_s",
                 "downlink_bytes_per_s"):
-    need(config.get(field) > 0, field, "rates must be positive")
+    need(positive(config.get(field)), field, "rates must be positive numbers")
   check_composition(config)
+
+
+def known_dataset(name) -> bool:
+  try:
+    canonical_name(name)
+  except ValueError:
+    return False
+  return True
+
+
+def positive(value) -> bool:
+  return 0.0 < value < math.inf
 
 
 def check_composition(config) -> None:
@@ -136,6 +180,23 @@ class MetricsWriter:
     self.workdir = workdir
     self.evals: list[dict] = []
 
+  def keep_until(self, step: int, eval_every: int) -> None:
+    """Drops what a killed run wrote after iteration `step`, keeping its evaluations."""
+    if not self.workdir:
+      return
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    records = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            records.append(json.loads(line))
+          except ValueError:  # a line cut short by the kill
+            break
+    self.evals = [r for r in records if r.get("type") == "eval"
+                  and r.get("iteration", 0) <= step and r["iteration"] % eval_every == 0]
+    write_atomically(path, "".join(json.dumps(r) + "\n" for r in self.evals))
+
   def write(self, record: dict) -> None:
     if record.get("type") == "eval":
       self.evals.append(record)
@@ -180,14 +241,14 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
   """Runs the configured simulation; returns a summary (final accuracy, timings)."""
   validate(config)
   t_start = time.perf_counter()
-  if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
+  resuming = bool(workdir) and check_workdir(workdir, config.to_json())
   log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
 
   dataset = load_dataset(config.dataset, config.data_dir, download=config.download,
                          verify=config.data_verify)
+  if int(config.num_clients) > len(dataset.train_y):
+    raise ConfigError(f"config.num_clients={config.num_clients} is more than the "
+                      f"{len(dataset.train_y)} train samples; lower num_clients")
   seed = config.seed
   partition_seed = seed if config.partition_seed is None else config.partition_seed
   try:
@@ -239,39 +300,73 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
         f"{config.num_clients} clients' lowers (eval_clients)")
   iters_per_epoch = max(1, math.ceil(float(np.mean(sizes_C)) / config.batch_size))
 
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    write_atomically(os.path.join(workdir, "config.json"), config.to_json(indent=2))
+  checkpoints = Checkpoints(workdir, config.keep_checkpoints) if workdir else None
+  fingerprint = partition_fingerprint(idx_CxM, sizes_C)
   writer = MetricsWriter(workdir)
-  progress = Progress(config.num_iterations, 0, stream=sys.stderr if not quiet
-                      else open(os.devnull, "w"))
   step, last_acc, train_window = 0, None, []
+  if resuming:
+    state, step, train_window = resume(checkpoints, state, fingerprint, writer,
+                                       config.eval_every)
+    last_acc = writer.evals[-1]["test_accuracy"] if writer.evals else None
+    log(f"resuming {workdir} from iteration {step}" if step else
+        f"{workdir} has no checkpoint yet: starting from iteration 0")
+  progress = Progress(config.num_iterations, step, stream=sys.stderr if not quiet
+                      else open(os.devnull, "w"))
+
+  def save(step_done: int) -> None:
+    if checkpoints is not None:
+      checkpoints.save(step_done, state, {"partition": fingerprint,
+                                          "train_window": window_to_json(train_window)})
+
   t_train = time.perf_counter()
   compile_s = None
-  while step < config.num_iterations:
-    next_eval = (step // config.eval_every + 1) * config.eval_every
-    todo = min(next_eval, config.num_iterations) - step
-    n = chunk if todo >= chunk else 1
-    t0 = time.perf_counter()
-    state, metrics = (multi_step if n == chunk else single_step)(state, data)
-    # Waiting for each dispatch keeps the progress line honest (dispatch is async).
-    train_window.append(jax.device_get(metrics))
-    step += n
-    if compile_s is None:
-      compile_s = time.perf_counter() - t0
-    if step % config.eval_every == 0 or step == config.num_iterations:
-      record = evaluation_record(evaluate, state, data, client_ids, test, train_window,
-                                 iters_per_epoch, time.perf_counter() - t_start)
-      record.update(ledger.totals(step), latency_s=round(latency.total(step), 6))
-      train_window = []
-      last_acc = record["test_accuracy"]
-      writer.write(record)
-      progress.close()  # ends the TTY's progress line before the evaluation line
-      log(f"iter {record['iteration']:>6} | epoch {record['epoch']:7.2f} | test acc "
-          f"{100 * last_acc:6.2f}% | test loss {record['test_loss']:.4f} | L "
-          f"{record['loss_real']:.4f} L~ {record['loss_mix']:.4f} L^ {record['loss_local']:.4f}"
-          f" | {record['bytes_up'] / 2**20:.1f} MiB up, {record['bytes_down'] / 2**20:.1f} MiB "
-          f"down | simulated {record['latency_s']:.1f}s")
-    progress.update(step, last_acc)
+  start_step = step
+  with signals_caught() as caught:
+    while step < config.num_iterations:
+      stop = next_stop(step, config)
+      n = chunk if stop - step >= chunk else 1
+      t0 = time.perf_counter()
+      new_state, metrics = (multi_step if n == chunk else single_step)(state, data)
+      # Waiting for each dispatch keeps the progress line honest (dispatch is async).
+      metrics = jax.device_get(metrics)
+      check_finite(metrics, step, checkpoints)
+      state = new_state
+      train_window.append(metrics)
+      step += n
+      if compile_s is None:
+        compile_s = time.perf_counter() - t0
+      if step % config.eval_every == 0 or step == config.num_iterations:
+        record = evaluation_record(evaluate, state, data, client_ids, test, train_window,
+                                   iters_per_epoch, time.perf_counter() - t_start)
+        record.update(ledger.totals(step), latency_s=round(latency.total(step), 6))
+        if step % config.eval_every == 0:  # an end-of-run evaluation keeps the window
+          train_window = []
+        last_acc = record["test_accuracy"]
+        writer.write(record)
+        progress.close()  # ends the TTY's progress line before the evaluation line
+        log(f"iter {record['iteration']:>6} | epoch {record['epoch']:7.2f} | test acc "
+            f"{100 * last_acc:6.2f}% | test loss {record['test_loss']:.4f} | L "
+            f"{record['loss_real']:.4f} L~ {record['loss_mix']:.4f} L^ "
+            f"{record['loss_local']:.4f} | {record['bytes_up'] / 2**20:.1f} MiB up, "
+            f"{record['bytes_down'] / 2**20:.1f} MiB down | simulated "
+            f"{record['latency_s']:.1f}s")
+      if (caught or step == config.num_iterations
+          or config.checkpoint_every and step % config.checkpoint_every == 0):
+        save(step)
+      if caught:
+        progress.close()
+        where = (f"checkpoint saved in {checkpoints.directory}; run the same command to "
+                 f"resume" if checkpoints else "no --workdir, so nothing was saved")
+        raise Interrupted(caught[0], f"interrupted by {signal.Signals(caught[0]).name} at "
+                                     f"iteration {step}: {where}")
+      progress.update(step, last_acc)
   progress.update(step, last_acc, force=True)
   progress.close()
+  if checkpoints is not None:
+    checkpoints.close()
   train_s = time.perf_counter() - t_train
   writer.finish()
   summary = {
@@ -282,7 +377,7 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
       "best_test_accuracy": max((e["test_accuracy"] for e in writer.evals), default=None),
       "train_s": round(train_s, 2),
       "first_dispatch_s": round(compile_s or 0.0, 2),
-      "iterations_per_s": round(config.num_iterations / max(train_s, 1e-9), 3),
+      "iterations_per_s": round((step - start_step) / max(train_s, 1e-9), 3),
       "total_s": round(time.perf_counter() - t_start, 2),
       **ledger.totals(int(state.step)),
       "latency_s": round(latency.total(int(state.step)), 6),
@@ -295,6 +390,92 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
       f"incl. compile) | final test accuracy {acc}"
       + (f" | results in {workdir}" if workdir else ""))
   return summary
+
+
+def next_stop(step: int, config) -> int:
+  """The next iteration at which the loop must pause (evaluation, checkpoint, end).
+
+  A function of the step alone, so a resumed run dispatches the same chunks as the
+  uninterrupted one from there on."""
+  stops = [(step // config.eval_every + 1) * config.eval_every, config.num_iterations]
+  if config.checkpoint_every:
+    stops.append((step // config.checkpoint_every + 1) * config.checkpoint_every)
+  return min(stops)
+
+
+LOSS_TERMS = ("loss_real", "loss_mix", "loss_local", "loss_aux")
+
+
+def check_finite(metrics: dict, step: int, checkpoints: Checkpoints | None) -> None:
+  """Stops the run at the first iteration whose loss is NaN or infinite."""
+  for i in range(len(next(iter(metrics.values())))):
+    for term in LOSS_TERMS:
+      if term in metrics and not np.isfinite(metrics[term][i]):
+        kept = checkpoints and checkpoints.latest_step()
+        where = (f"the last good checkpoint (iteration {kept}) is kept in "
+                 f"{checkpoints.directory}" if kept is not None and checkpoints
+                 else "no checkpoint was written")
+        raise TrainingError(f"iteration {step + i + 1}: {term} is {metrics[term][i]}; {where};"
+                            f" lower client_lr/server_lr and start a new --workdir")
+
+
+def window_to_json(window: list[dict]) -> dict:
+  """The train metrics since the last evaluation, exactly (float32 -> JSON -> float32)."""
+  if not window:
+    return {}
+  joined = {k: np.concatenate([m[k] for m in window]) for k in window[0]}
+  return {k: {"dtype": str(v.dtype), "values": v.tolist()} for k, v in joined.items()}
+
+
+def window_from_json(saved: dict) -> list[dict]:
+  if not saved:
+    return []
+  return [{k: np.asarray(v["values"], dtype=v["dtype"]) for k, v in saved.items()}]
+
+
+def resume(checkpoints: Checkpoints, state: RoundState, fingerprint: str,
+           writer: "MetricsWriter", eval_every: int) -> tuple[RoundState, int, list[dict]]:
+  """The latest checkpoint's state, step and train window; the workdir's metrics are
+  cut back to that step (records written after it are redone by this run), and an
+  earlier invocation's end-of-run evaluation off the eval_every grid is dropped, so the
+  file reads as the uninterrupted run's."""
+  step = checkpoints.latest_step()
+  if step is None:
+    writer.keep_until(0, eval_every)
+    return state, 0, []
+  state, loop = checkpoints.restore(step, state)
+  if loop.get("partition") != fingerprint:
+    raise CheckpointError(f"the checkpoint in {checkpoints.directory} was made with another "
+                          f"partition of the data (has the dataset changed?); use a new "
+                          f"--workdir")
+  writer.keep_until(step, eval_every)
+  return state, int(state.step), window_from_json(loop.get("train_window", {}))
+
+
+@contextlib.contextmanager
+def signals_caught(signums=(signal.SIGINT, signal.SIGTERM)):
+  """Within the block SIGINT and SIGTERM are noted in the yielded list, not raised, so
+  the loop can finish its dispatch and save a checkpoint before it exits."""
+  caught: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield caught  # handlers can only be set from the main thread
+    return
+  previous = {n: signal.signal(n, lambda signum, frame: caught.append(signum))
+              for n in signums}
+  try:
+    yield caught
+  finally:
+    for n, handler in previous.items():
+      signal.signal(n, handler)
+
+
+def write_atomically(path: str, text: str) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 def evaluation_record(evaluate, state: RoundState, data, client_ids, test, train_window,

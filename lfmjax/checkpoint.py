@@ -1,0 +1,120 @@
+"""Checkpoints of a whole run, and the check that a workdir belongs to the same run.
+
+A checkpoint (orbax-checkpoint's `CheckpointManager`, one step directory per save under
+`WORKDIR/checkpoints/`) holds the complete `RoundState` (every client's and the
+server's parameters, statistics and optimiser states, the step and the run's PRNG key)
+and a JSON item with what the training loop carries between evaluations (the train
+metrics since the last evaluation), the partition's fingerprint and the config.
+Everything else a run has is a function of the config and the step: the partition
+(seeded), the communication ledger and the latency model (`accounting`), the batches
+and mixup draws (`fold_in(key, tag, step)`). So a run resumed from iteration k is the
+uninterrupted run from k on, bit for bit on the CPU.
+
+Orbax writes a step into a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint intact; the half-written directory is
+ignored and removed when the next run opens the manager.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+# Config fields a resumed run may change: they do not change what the run computes.
+RESUMABLE_CHANGES = ("num_iterations", "checkpoint_every", "keep_checkpoints", "data_dir",
+                     "download", "eval_chunk")
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(ValueError):
+  """A workdir or checkpoint that cannot be resumed; the message says why and what to do."""
+
+
+def partition_fingerprint(idx_CxM: np.ndarray, sizes_C: np.ndarray) -> str:
+  digest = hashlib.sha256(np.ascontiguousarray(idx_CxM, np.int64).tobytes())
+  digest.update(np.ascontiguousarray(sizes_C, np.int64).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+  """The fields, as dotted names, whose values differ (nested dicts compared by field)."""
+  out = []
+  for field in sorted(set(saved) | set(current)):
+    name = prefix + field
+    a, b = saved.get(field, "<unset>"), current.get(field, "<unset>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += config_differences(a, b, name + ".")
+    elif _normal(a) != _normal(b) and name not in RESUMABLE_CHANGES:
+      out.append(f"{name}: {a!r} in the workdir, {b!r} now")
+  return out
+
+
+def _normal(value):
+  return list(value) if isinstance(value, tuple) else value
+
+
+def check_workdir(workdir: str, config_json: str) -> bool:
+  """True when `workdir` holds this run (resume it); False when it holds no run.
+
+  Raises CheckpointError, naming the differing fields, when it holds another run.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"--workdir={workdir} has an unreadable {CONFIG_FILE} ({e}); use "
+                          f"a new --workdir or remove that file") from None
+  differences = config_differences(saved, json.loads(config_json))
+  if differences:
+    shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
+    raise CheckpointError(f"--workdir={workdir} holds another run ({shown}); use a new "
+                          f"--workdir, or the same config to resume it")
+  return True
+
+
+class Checkpoints:
+  """The run's checkpoints: save every `every` iterations, keep the last `keep`."""
+
+  def __init__(self, workdir: str, keep: int):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False,
+            cleanup_tmp_directories=True),
+        item_names=("state", "loop"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, loop: dict[str, Any]) -> None:
+    ocp = self._ocp
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)), force=True)
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, like_state) -> tuple[Any, dict[str, Any]]:
+    """The state saved at `step`, with `like_state`'s structure, shapes and dtypes."""
+    ocp = self._ocp
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for a damaged or foreign checkpoint
+      raise CheckpointError(f"the checkpoint of iteration {step} in {self.directory} cannot "
+                            f"be restored ({type(e).__name__}: {str(e).splitlines()[0][:200]});"
+                            f" remove that step's directory to resume from an earlier one, or "
+                            f"use a new --workdir") from None
+    return restored.state, dict(restored.loop)
+
+  def close(self) -> None:
+    self.manager.close()
