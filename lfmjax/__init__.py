@@ -8,17 +8,31 @@ The public API for composing the round into your own JAX code:
     data = lfmjax.make_data(train_x_uint8, train_y, idx_CxM, sizes_C)
     round_step = lfmjax.make_round_step(cfg, model)
     state, metrics = round_step(state, data)
+
+Sharded over every device (`lfmjax.mesh`; clients padded to a multiple of the devices):
+
+    mesh = lfmjax.make_mesh()
+    padded = lfmjax.mesh.padded_num_clients(cfg.num_clients, mesh.size)
+    state = lfmjax.mesh.pad_state(cfg, jax.device_get(state), padded)
+    placement = lfmjax.make_placement(cfg, state, mesh)
+    state = lfmjax.put_global(state, placement.state)
+    data = lfmjax.put_global(lfmjax.mesh.pad_data(data, padded), placement.data)
+    step = lfmjax.jit_sharded(
+        lfmjax.padded_round(cfg, lfmjax.make_round_step(cfg, model, jit=False), mesh),
+        placement)
 """
-from lfmjax import data
+from lfmjax import data, mesh
 from lfmjax.algorithms import ALGORITHMS, RoundConfig, round_config_from
 from lfmjax.evaluate import make_evaluate, pad_to_chunks
+from lfmjax.mesh import jit_sharded, make_mesh, make_placement, padded_round, put_global
 from lfmjax.models import SplitModel, get_model
 from lfmjax.round import make_multi_step, make_round_step
 from lfmjax.state import RoundData, RoundState, init_state, make_data
 
 __all__ = [
     "ALGORITHMS", "RoundConfig", "RoundData", "RoundState", "SplitModel", "data",
-    "get_model", "init_state", "make_data", "make_evaluate", "make_multi_step",
-    "make_round_step", "pad_to_chunks", "round_config_from",
+    "get_model", "init_state", "jit_sharded", "make_data", "make_evaluate", "make_mesh",
+    "make_multi_step", "make_placement", "make_round_step", "mesh", "pad_to_chunks",
+    "padded_round", "put_global", "round_config_from",
 ]
 __version__ = "0.1.0"

@@ -26,7 +26,8 @@ import numpy as np
 
 # Config fields a resumed run may change: they do not change what the run computes.
 RESUMABLE_CHANGES = ("num_iterations", "checkpoint_every", "keep_checkpoints", "data_dir",
-                     "download", "eval_chunk")
+                     "download", "eval_chunk", "distributed.coordinator_address",
+                     "distributed.process_id")
 CONFIG_FILE = "config.json"
 
 
@@ -40,14 +41,21 @@ def partition_fingerprint(idx_CxM: np.ndarray, sizes_C: np.ndarray) -> str:
   return digest.hexdigest()[:16]
 
 
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-  """The fields, as dotted names, whose values differ (nested dicts compared by field)."""
+def config_differences(saved: dict, current: dict, prefix: str = "",
+                       defaults: dict | None = None) -> list[str]:
+  """The fields, as dotted names, whose values differ (nested dicts compared by field).
+
+  A field the saved config lacks (written by an earlier lfmjax) counts as its default.
+  """
+  defaults = defaults or {}
   out = []
   for field in sorted(set(saved) | set(current)):
     name = prefix + field
-    a, b = saved.get(field, "<unset>"), current.get(field, "<unset>")
+    a = saved.get(field, defaults.get(field, "<unset>"))
+    b = current.get(field, "<unset>")
     if isinstance(a, dict) and isinstance(b, dict):
-      out += config_differences(a, b, name + ".")
+      sub = defaults.get(field) if isinstance(defaults.get(field), dict) else {}
+      out += config_differences(a, b, name + ".", sub)
     elif _normal(a) != _normal(b) and name not in RESUMABLE_CHANGES:
       out.append(f"{name}: {a!r} in the workdir, {b!r} now")
   return out
@@ -71,7 +79,9 @@ def check_workdir(workdir: str, config_json: str) -> bool:
   except (OSError, ValueError) as e:
     raise CheckpointError(f"--workdir={workdir} has an unreadable {CONFIG_FILE} ({e}); use "
                           f"a new --workdir or remove that file") from None
-  differences = config_differences(saved, json.loads(config_json))
+  from lfmjax.config import base_config
+  differences = config_differences(saved, json.loads(config_json),
+                                   defaults=json.loads(base_config().to_json()))
   if differences:
     shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
     raise CheckpointError(f"--workdir={workdir} holds another run ({shown}); use a new "

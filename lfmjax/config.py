@@ -63,11 +63,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.downlink_bytes_per_s = 6.25e6    # server -> client (50 Mbit/s)
   # --- run ---
   c.seed = 0                         # model init, batches, mixup draws
+  c.num_seeds = 1                    # S replicas (seeds seed..seed+S-1) in one vmapped program
   c.num_iterations = 1000            # iterations (every client one mini-batch each)
   c.steps_per_dispatch = 10          # iterations fused into one lax.scan dispatch
   c.eval_every = 100                 # iterations between test evaluations
   c.eval_clients = 20                # clients evaluated when lowers differ (0: all)
   c.eval_chunk = 1000                # test samples per evaluation batch
+  # --- devices and hosts (clients are spread over every device; BUILD.md: Scale-out) ---
+  c.distributed = ml_collections.ConfigDict()
+  c.num_devices = 0                  # devices the clients are spread over (0: all of them)
+  c.distributed.enabled = False      # call jax.distributed.initialize (multi-host)
+  c.distributed.coordinator_address = config_dict.placeholder(str)  # host:port; None: env
+  c.distributed.num_processes = config_dict.placeholder(int)  # None: from the environment
+  c.distributed.process_id = config_dict.placeholder(int)     # None: from the environment
+  c.distributed.local_device_count = config_dict.placeholder(int)  # CPU devices per process
   c.checkpoint_every = 500           # iterations between checkpoints in --workdir (0: none)
   c.keep_checkpoints = 3             # checkpoints kept (the newest)
   return c

@@ -39,8 +39,9 @@ def pad_to_chunks(x: np.ndarray, y: np.ndarray, chunk: int):
           mask.reshape(chunks, chunk))
 
 
-def make_evaluate(cfg: RoundConfig, model: SplitModel, *, chunk: int = 1000):
-  """Returns `evaluate(state, weights_C, client_ids, test) -> {'accuracy', 'loss'}`.
+def make_evaluate(cfg: RoundConfig, model: SplitModel, *, jit: bool = True):
+  """Returns `evaluate(state, weights_C, client_ids, test) -> {'accuracy', 'loss'}`
+  (jitted unless `jit=False`).
 
   `test` is `(x_TxChunk uint8, y_TxChunk, mask_TxChunk)` from `pad_to_chunks`.
   """
@@ -61,7 +62,6 @@ def make_evaluate(cfg: RoundConfig, model: SplitModel, *, chunk: int = 1000):
     correct, loss = jax.lax.map(chunk_score, test)
     return correct.sum(), loss.sum()
 
-  @jax.jit
   def evaluate(state: RoundState, weights_C, client_ids, test):
     clients, server = state.clients, state.server
     upper_vars = {"params": server.params, **server.stats}
@@ -80,4 +80,4 @@ def make_evaluate(cfg: RoundConfig, model: SplitModel, *, chunk: int = 1000):
       correct, loss = correct_E.mean(), loss_E.mean()
     return {"accuracy": correct / n, "loss": loss / n}
 
-  return evaluate
+  return jax.jit(evaluate) if jit else evaluate

@@ -50,7 +50,15 @@ def run_config(config, workdir: str | None) -> int:
   after saving a checkpoint."""
   from lfmjax.checkpoint import CheckpointError  # deferred: --list and --help stay instant
   from lfmjax.data import DatasetError
+  from lfmjax.mesh import initialize_distributed
   from lfmjax.train import ConfigError, Interrupted, TrainingError, train_and_evaluate
+  try:
+    initialize_distributed(config)  # before anything touches a device
+  except (RuntimeError, ValueError) as e:
+    print(f"error: config.distributed: jax.distributed.initialize failed "
+          f"({str(e).splitlines()[0][:200]}); check coordinator_address, num_processes "
+          f"and process_id, or the cluster's environment", file=sys.stderr)
+    return 2
   try:
     train_and_evaluate(config, workdir)
   except (ConfigError, DatasetError, CheckpointError) as e:

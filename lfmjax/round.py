@@ -35,7 +35,7 @@ from lfmjax import components
 from lfmjax.algorithms import RoundConfig
 from lfmjax.data import batch_indices
 from lfmjax.models import SplitModel, apply_module, has_stem
-from lfmjax.models.patch_conv import shared_weights
+from lfmjax.models.patch_conv import is_partitioned, shared_weights
 from lfmjax.state import (ClientState, RoundData, RoundState, ServerState,
                           client_optimizer, server_optimizer, stack_clients)
 
@@ -181,7 +181,6 @@ def make_shared_client_phase(cfg: RoundConfig, model: SplitModel):
   """
   terms = make_local_losses(cfg, model)
   opt_c = client_optimizer(cfg)
-  group = client_group_size(cfg.num_clients, cfg.batch_size)
 
   def clients_terms(params, stats, x_model, x01, y_CxB, weights_C):
     """s, the lower's VJP, and the local terms' d-weighted gradients for some clients."""
@@ -205,6 +204,9 @@ def make_shared_client_phase(cfg: RoundConfig, model: SplitModel):
     params, stats, opt_state = first(clients.params), first(clients.stats), first(
         clients.opt_state)
     num_clients = weights_C.shape[0]
+    # Groups are a loop over the client axis: one group when it is split over devices.
+    group = num_clients if is_partitioned() else client_group_size(num_clients,
+                                                                     cfg.batch_size)
 
     def update(grads, new_stats_C, losses):
       updates, new_opt = opt_c.update(grads, opt_state, params)

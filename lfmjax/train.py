@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -29,6 +30,9 @@ from lfmjax.data import PARTITIONS, client_table, load_dataset, make_partition
 from lfmjax.data.datasets import canonical_name
 from lfmjax.evaluate import eval_client_ids, make_evaluate, pad_to_chunks
 from lfmjax.models import MODEL_NAMES, get_model
+from lfmjax.mesh import (Placement, jit_sharded, make_mesh, make_placement, pad_data,
+                         pad_state, padded_num_clients, padded_round, put_global,
+                         real_clients)
 from lfmjax.round import make_multi_step, make_round_step
 from lfmjax.state import RoundState, init_state, make_data
 
@@ -86,6 +90,9 @@ def validate(config) -> None:
   need(config.eval_chunk >= 1, "eval_chunk", "must be at least 1")
   need(config.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: no checkpoints)")
   need(config.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
+  need(config.num_seeds >= 1, "num_seeds", "must be at least 1")
+  need(0 <= config.num_devices <= jax.device_count(), "num_devices",
+       f"this run has {jax.device_count()} device(s); use 0 (all) or fewer")
   need(config.local_loss_kind in ("bce", "mse"), "local_loss_kind", "use 'bce' or 'mse'")
   need(config.input.normalize in algorithms.NORMALIZATIONS, "input.normalize",
        f"use one of {', '.join(algorithms.NORMALIZATIONS)}")
@@ -242,6 +249,8 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
   validate(config)
   t_start = time.perf_counter()
   resuming = bool(workdir) and check_workdir(workdir, config.to_json())
+  lead = jax.process_index() == 0  # only process 0 logs and writes files
+  quiet = quiet or not lead
   log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
 
   dataset = load_dataset(config.dataset, config.data_dir, download=config.download,
@@ -275,10 +284,13 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
   x_example, _ = cfg.preprocess(jnp.asarray(dataset.train_x[:config.batch_size]))
   state = init_state(cfg, model, jax.random.PRNGKey(seed), x_example)
   switches = algorithms.resolve_switches(config)
+  mesh = make_mesh(config.num_devices)
   log(f"lfmjax: {config.algorithm} (loc={switches['loc']}, fed={switches['fed']}, "
       f"mix={switches['mix']}) | {dataset.name} from {dataset.source} | "
       f"{config.model} | C={config.num_clients} B={config.batch_size} | "
-      f"{config.num_iterations} iterations on {jax.devices()[0].platform}")
+      f"{config.num_iterations} iterations on {mesh.size} {jax.devices()[0].platform} "
+      f"device(s)" + (f", {jax.process_count()} processes" if jax.process_count() > 1 else "")
+      + (f" | {config.num_seeds} seeds" if config.num_seeds > 1 else ""))
 
   ledger = accounting.make_ledger(cfg, model, state, data)
   latency = accounting.make_latency(cfg, model, state, data, ledger, accounting.Rates(
@@ -286,26 +298,25 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
       config.downlink_bytes_per_s))
   log(accounting.describe(ledger, latency))
 
-  round_step = make_round_step(cfg, model, jit=False)
   chunk = config.steps_per_dispatch
-  multi_step = make_multi_step(round_step, chunk)
-  single_step = make_multi_step(round_step, 1)
-  evaluate = make_evaluate(cfg, model, chunk=config.eval_chunk)
-  test = tuple(jnp.asarray(a) for a in pad_to_chunks(dataset.test_x, dataset.test_y,
-                                                    min(config.eval_chunk,
-                                                        len(dataset.test_y))))
-  client_ids = jnp.asarray(eval_client_ids(config.num_clients, config.eval_clients, seed))
-  if not cfg.fedavg and len(client_ids) < config.num_clients:
-    log(f"evaluating the mean over a seeded subset of {len(client_ids)} of "
+  run = place_run(cfg, model, mesh, config.num_seeds, seed, x_example, data, chunk)
+  state, data = run.state, run.data
+  test = put_global(pad_to_chunks(dataset.test_x, dataset.test_y,
+                                  min(config.eval_chunk, len(dataset.test_y))),
+                    (run.placement.replicated,) * 3)
+  client_ids_host = eval_client_ids(config.num_clients, config.eval_clients, seed)
+  client_ids = put_global(client_ids_host, run.placement.replicated)
+  if not cfg.fedavg and len(client_ids_host) < config.num_clients:
+    log(f"evaluating the mean over a seeded subset of {len(client_ids_host)} of "
         f"{config.num_clients} clients' lowers (eval_clients)")
   iters_per_epoch = max(1, math.ceil(float(np.mean(sizes_C)) / config.batch_size))
 
-  if workdir:
+  if workdir and lead:
     os.makedirs(workdir, exist_ok=True)
     write_atomically(os.path.join(workdir, "config.json"), config.to_json(indent=2))
   checkpoints = Checkpoints(workdir, config.keep_checkpoints) if workdir else None
   fingerprint = partition_fingerprint(idx_CxM, sizes_C)
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir if lead else None)
   step, last_acc, train_window = 0, None, []
   if resuming:
     state, step, train_window = resume(checkpoints, state, fingerprint, writer,
@@ -329,7 +340,7 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
       stop = next_stop(step, config)
       n = chunk if stop - step >= chunk else 1
       t0 = time.perf_counter()
-      new_state, metrics = (multi_step if n == chunk else single_step)(state, data)
+      new_state, metrics = (run.multi_step if n == chunk else run.single_step)(state, data)
       # Waiting for each dispatch keeps the progress line honest (dispatch is async).
       metrics = jax.device_get(metrics)
       check_finite(metrics, step, checkpoints)
@@ -339,16 +350,18 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
       if compile_s is None:
         compile_s = time.perf_counter() - t0
       if step % config.eval_every == 0 or step == config.num_iterations:
-        record = evaluation_record(evaluate, state, data, client_ids, test, train_window,
-                                   iters_per_epoch, time.perf_counter() - t_start)
+        record = evaluation_record(run.evaluate, state, data, client_ids, test, train_window,
+                                   step, iters_per_epoch, time.perf_counter() - t_start)
         record.update(ledger.totals(step), latency_s=round(latency.total(step), 6))
         if step % config.eval_every == 0:  # an end-of-run evaluation keeps the window
           train_window = []
         last_acc = record["test_accuracy"]
         writer.write(record)
         progress.close()  # ends the TTY's progress line before the evaluation line
+        spread = (f" +- {100 * record['test_accuracy_std']:.2f}"
+                  if "test_accuracy_std" in record else "")
         log(f"iter {record['iteration']:>6} | epoch {record['epoch']:7.2f} | test acc "
-            f"{100 * last_acc:6.2f}% | test loss {record['test_loss']:.4f} | L "
+            f"{100 * last_acc:6.2f}%{spread} | test loss {record['test_loss']:.4f} | L "
             f"{record['loss_real']:.4f} L~ {record['loss_mix']:.4f} L^ "
             f"{record['loss_local']:.4f} | {record['bytes_up'] / 2**20:.1f} MiB up, "
             f"{record['bytes_down'] / 2**20:.1f} MiB down | simulated "
@@ -372,24 +385,70 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
   summary = {
       "type": "summary",
       "algorithm": config.algorithm,
-      "iterations": int(state.step),
+      "iterations": step,
       "final_test_accuracy": last_acc,
+      **({"final_test_accuracy_std": writer.evals[-1].get("test_accuracy_std"),
+          "final_test_accuracy_seeds": writer.evals[-1].get("test_accuracy_seeds")}
+         if config.num_seeds > 1 and writer.evals else {}),
       "best_test_accuracy": max((e["test_accuracy"] for e in writer.evals), default=None),
       "train_s": round(train_s, 2),
       "first_dispatch_s": round(compile_s or 0.0, 2),
       "iterations_per_s": round((step - start_step) / max(train_s, 1e-9), 3),
       "total_s": round(time.perf_counter() - t_start, 2),
-      **ledger.totals(int(state.step)),
-      "latency_s": round(latency.total(int(state.step)), 6),
+      **ledger.totals(step),
+      "latency_s": round(latency.total(step), 6),
       "latency_per_iteration_s": latency.iteration_s,
   }
   writer.write(summary)
   acc = "-" if last_acc is None else f"{100 * last_acc:.2f}%"
+  if summary.get("final_test_accuracy_std") is not None:
+    acc += (f" +- {100 * summary['final_test_accuracy_std']:.2f} over {config.num_seeds} seeds "
+            f"({', '.join(f'{100 * a:.2f}' for a in summary['final_test_accuracy_seeds'])})")
   log(f"done: {summary['iterations']} iterations in {summary['train_s']:.1f}s "
       f"({summary['iterations_per_s']:.2f} it/s, first dispatch {summary['first_dispatch_s']:.1f}s "
       f"incl. compile) | final test accuracy {acc}"
       + (f" | results in {workdir}" if workdir else ""))
   return summary
+
+
+@dataclasses.dataclass
+class PlacedRun:
+  """A run's arrays on the mesh and its compiled programs."""
+  state: RoundState
+  data: Any
+  placement: Placement
+  multi_step: Any    # (state, data) -> (state, metrics stacked over `chunk` iterations)
+  single_step: Any   # the same for one iteration
+  evaluate: Any      # (state, weights_C, client_ids, test) -> {'accuracy', 'loss'}
+
+
+def place_run(cfg, model, mesh, num_seeds: int, seed: int, x_example, data_host,
+              chunk: int) -> PlacedRun:
+  """The state (S seeds stacked when S > 1, clients padded to the mesh) and the data
+  put on `mesh`, and the round, multi-step and evaluation programs for them."""
+  num_padded = padded_num_clients(cfg.num_clients, mesh.size)
+  states = [pad_state(cfg, init_state(cfg, model, jax.random.PRNGKey(seed + i), x_example),
+                      num_padded) for i in range(num_seeds)]
+  state = states[0] if num_seeds == 1 else jax.tree.map(lambda *a: np.stack(a), *states)
+  placement = make_placement(cfg, state, mesh, seeds=num_seeds > 1)
+  state = put_global(state, placement.state)
+  data = put_global(pad_data(data_host, num_padded), placement.data)
+
+  step_fn = padded_round(cfg, make_round_step(cfg, model, jit=False), mesh)
+  evaluate_one = make_evaluate(cfg, model, jit=False)
+
+  def evaluate_real(state, weights_C, client_ids, test):
+    c = cfg.num_clients
+    return evaluate_one(real_clients(cfg, state), weights_C[:c], client_ids, test)
+
+  if num_seeds > 1:
+    step_fn = jax.vmap(step_fn, in_axes=(0, None))
+    evaluate_real = jax.vmap(evaluate_real, in_axes=(0, None, None, None))
+  return PlacedRun(
+      state=state, data=data, placement=placement,
+      multi_step=jit_sharded(make_multi_step(step_fn, chunk, jit=False), placement),
+      single_step=jit_sharded(make_multi_step(step_fn, 1, jit=False), placement),
+      evaluate=jax.jit(evaluate_real))
 
 
 def next_stop(step: int, config) -> int:
@@ -407,16 +466,21 @@ LOSS_TERMS = ("loss_real", "loss_mix", "loss_local", "loss_aux")
 
 
 def check_finite(metrics: dict, step: int, checkpoints: Checkpoints | None) -> None:
-  """Stops the run at the first iteration whose loss is NaN or infinite."""
-  for i in range(len(next(iter(metrics.values())))):
-    for term in LOSS_TERMS:
-      if term in metrics and not np.isfinite(metrics[term][i]):
-        kept = checkpoints and checkpoints.latest_step()
-        where = (f"the last good checkpoint (iteration {kept}) is kept in "
-                 f"{checkpoints.directory}" if kept is not None and checkpoints
-                 else "no checkpoint was written")
-        raise TrainingError(f"iteration {step + i + 1}: {term} is {metrics[term][i]}; {where};"
-                            f" lower client_lr/server_lr and start a new --workdir")
+  """Stops the run at the first iteration whose loss is NaN or infinite (any seed)."""
+  found = []  # (iteration, term order, seed, value)
+  for order, term in enumerate(t for t in LOSS_TERMS if t in metrics):
+    values = np.asarray(metrics[term]).reshape(len(metrics[term]), -1)  # iterations x seeds
+    for i, seed in np.argwhere(~np.isfinite(values))[:1]:
+      found.append((i, order, seed, term, values[i, seed], values.shape[1]))
+  if not found:
+    return
+  i, _, seed, term, value, num_seeds = min(found)
+  kept = checkpoints.latest_step() if checkpoints else None
+  where = (f"the last good checkpoint (iteration {kept}) is kept in "
+           f"{checkpoints.directory}" if kept is not None else "no checkpoint was written")
+  which = f" (seed replica {seed})" if num_seeds > 1 else ""
+  raise TrainingError(f"iteration {step + i + 1}: {term} is {value}{which}; {where}; "
+                      f"lower client_lr/server_lr and start a new --workdir")
 
 
 def window_to_json(window: list[dict]) -> dict:
@@ -449,7 +513,7 @@ def resume(checkpoints: Checkpoints, state: RoundState, fingerprint: str,
                           f"partition of the data (has the dataset changed?); use a new "
                           f"--workdir")
   writer.keep_until(step, eval_every)
-  return state, int(state.step), window_from_json(loop.get("train_window", {}))
+  return state, step, window_from_json(loop.get("train_window", {}))
 
 
 @contextlib.contextmanager
@@ -479,11 +543,17 @@ def write_atomically(path: str, text: str) -> None:
 
 
 def evaluation_record(evaluate, state: RoundState, data, client_ids, test, train_window,
-                      iters_per_epoch: int, wall_s: float) -> dict[str, Any]:
+                      step: int, iters_per_epoch: int, wall_s: float) -> dict[str, Any]:
+  """Test accuracy and loss (the mean over seeds, with each seed's and the spread when
+  there are several) and the train metrics averaged since the last evaluation."""
   result = jax.device_get(evaluate(state, data.weights_C, client_ids, test))
-  step = int(state.step)
+  accuracy, loss = np.asarray(result["accuracy"]), np.asarray(result["loss"])
   train = mean_metrics(jax.tree.map(lambda *a: np.concatenate(a), *train_window)
                        ) if train_window else {}
-  return {"type": "eval", "iteration": step, "epoch": round(step / iters_per_epoch, 4),
-          "test_accuracy": float(result["accuracy"]), "test_loss": float(result["loss"]),
-          **train, "wall_s": round(wall_s, 2)}
+  record = {"type": "eval", "iteration": step, "epoch": round(step / iters_per_epoch, 4),
+            "test_accuracy": float(accuracy.mean()), "test_loss": float(loss.mean())}
+  if accuracy.ndim:  # num_seeds > 1
+    record.update(test_accuracy_std=float(accuracy.std()),
+                  test_accuracy_seeds=[float(a) for a in accuracy],
+                  test_loss_seeds=[float(v) for v in loss])
+  return {**record, **train, "wall_s": round(wall_s, 2)}

@@ -21,6 +21,7 @@ from lfmjax.checkpoint import (CheckpointError, Checkpoints, check_workdir,
                                config_differences)
 from lfmjax.config import base_config
 from lfmjax.main import run_config
+from lfmjax.mesh import pad_state, padded_num_clients
 from lfmjax.train import TrainingError, train_and_evaluate
 
 TIMINGS = ("wall_s", "train_s", "first_dispatch_s", "iterations_per_s", "total_s")
@@ -39,6 +40,7 @@ def tiny_config(data_dir, **overrides):
   c.checkpoint_every = 2
   c.client_optimizer = "adam"
   c.client_lr = 1e-3
+  c.num_devices = 1  # test_mesh.py covers the multi-device runs
   for k, v in overrides.items():
     c[k] = v
   return c
@@ -57,6 +59,7 @@ def final_state(workdir: Path, config):
   cfg = round_config_from(config, 10)
   model = get_model(config.model, num_classes=10, input_shape=(28, 28, 1))
   like = init_state(cfg, model, jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.float32))
+  like = pad_state(cfg, like, padded_num_clients(config.num_clients, config.num_devices))
   checkpoints = Checkpoints(str(workdir), 3)
   try:
     return checkpoints.restore(checkpoints.latest_step(), like)[0]
@@ -72,15 +75,17 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("algorithm", ["locfedmix", "psl"])
-def test_resumed_run_equals_uninterrupted_bit_for_bit(synthetic_fmnist, tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm,devices", [("locfedmix", 1), ("psl", 8)])
+def test_resumed_run_equals_uninterrupted_bit_for_bit(synthetic_fmnist, tmp_path, algorithm,
+                                                      devices):
+  """psl runs its 3 clients padded to 8 on 8 devices: the sharded state round-trips."""
   whole = tmp_path / "whole"
-  config = tiny_config(synthetic_fmnist, algorithm=algorithm)
+  config = tiny_config(synthetic_fmnist, algorithm=algorithm, num_devices=devices)
   train_and_evaluate(config, str(whole), quiet=True)
   split = tmp_path / "split"
   # Stopped at 6: between evaluations, so the train window crosses the checkpoint.
-  train_and_evaluate(tiny_config(synthetic_fmnist, algorithm=algorithm, num_iterations=6),
-                     str(split), quiet=True)
+  train_and_evaluate(tiny_config(synthetic_fmnist, algorithm=algorithm, num_devices=devices,
+                                 num_iterations=6), str(split), quiet=True)
   train_and_evaluate(config, str(split), quiet=True)
   assert records(split) == records(whole)
   assert [r["iteration"] for r in records(whole) if r["type"] == "eval"] == [4, 8]
@@ -146,7 +151,8 @@ def test_damaged_checkpoint_is_a_one_line_error(synthetic_fmnist, tmp_path, caps
 CLI_ARGS = ["--config=configs/fmnist.py", "--config.model=tiny_cnn",
             "--config.num_clients=3", "--config.batch_size=8", "--config.eval_every=4",
             "--config.steps_per_dispatch=1", "--config.data_verify=False",
-            "--config.client_optimizer=adam", "--config.client_lr=0.001"]
+            "--config.client_optimizer=adam", "--config.client_lr=0.001",
+            "--config.num_devices=1"]
 
 # Runs the CLI in this process, and SIGKILLs it as soon as a checkpoint directory is
 # half written (orbax's temporary directory exists) for a step of at least argv[1].
@@ -213,3 +219,11 @@ def test_sigint_and_sigterm_save_then_exit(synthetic_fmnist, tmp_path, signum):
   step = int(line[0].split("at iteration ")[1].split(":")[0])
   assert step >= 4 and (workdir / "checkpoints" / str(step)).is_dir()
   assert "Traceback" not in err
+
+
+def test_fields_added_since_the_workdir_was_written_count_as_defaults():
+  saved = {"a": 1, "nested": {"x": 1}}
+  now = {"a": 1, "nested": {"x": 1, "y": 2}, "new_field": 5}
+  assert config_differences(saved, now, defaults={"new_field": 5, "nested": {"y": 2}}) == []
+  assert config_differences(saved, now, defaults={"new_field": 4, "nested": {"y": 2}}) == [
+      "new_field: 4 in the workdir, 5 now"]

@@ -63,7 +63,7 @@ def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 300):
 
 TINY = ["--config.model=tiny_cnn", "--config.num_clients=3", "--config.batch_size=8",
         "--config.num_iterations=6", "--config.eval_every=3", "--config.steps_per_dispatch=2",
-        "--config.data_verify=False"]
+        "--config.data_verify=False", "--config.num_devices=1"]
 
 
 def test_cli_runs_a_few_iterations_and_writes_results(synthetic_fmnist, tmp_path):
@@ -151,6 +151,7 @@ def real_run(workdir, **fields):
   config.data_dir = str(fmnist_dir())
   config.client_optimizer = "adam"
   config.client_lr = 1e-3
+  config.num_devices = 1
   config.update(fields)
   config.eval_every = config.num_iterations
   return train_and_evaluate(config, str(workdir), quiet=True)

@@ -56,6 +56,8 @@ CASES = [
     (dict(mu=-1.0), ["config.mu=-1.0", ">= 0"]),
     (dict(num_mixed=0), ["config.num_mixed=0", "n_s"]),
     (dict(keep_checkpoints=0), ["config.keep_checkpoints=0", "at least 1"]),
+    (dict(num_seeds=0), ["config.num_seeds=0", "at least 1"]),
+    (dict(num_devices=99), ["config.num_devices=99", "device(s)", "0 (all)"]),
 ]
 
 

@@ -48,6 +48,25 @@ def weights_are_shared() -> bool:
   return _SHARED_WEIGHTS.get()
 
 
+_PARTITIONED = contextvars.ContextVar("lfmjax_partitioned", default=False)
+
+
+@contextlib.contextmanager
+def partitioned(enabled: bool = True):
+  """Within this block (at trace time) the sample axis may be split over devices: the
+  cache-sized chunk loops below become one chunk, since a loop over a split axis would
+  make the compiler gather it onto every device."""
+  token = _PARTITIONED.set(enabled)
+  try:
+    yield
+  finally:
+    _PARTITIONED.reset(token)
+
+
+def is_partitioned() -> bool:
+  return _PARTITIONED.get()
+
+
 def im2col(x_BxHxWxC: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
   """The k*k shifted views of x, concatenated on channels in (kh, kw, c) order."""
   x = jnp.pad(x_BxHxWxC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
@@ -80,7 +99,10 @@ _WEIGHT_GRAD_CHUNK_BYTES = 1 << 20
 
 
 def _chunk_size(n: int, target: int) -> int:
-  """A chunk of about `target` samples, preferably dividing n (padding copies)."""
+  """A chunk of about `target` samples, preferably dividing n (padding copies); all n
+  when `partitioned()`."""
+  if is_partitioned():
+    return n
   target = max(1, min(n, target))
   divisor = max(d for d in range(1, target + 1) if n % d == 0)
   return divisor if 2 * divisor >= target else target
