@@ -146,7 +146,7 @@ FUZZ_FIELDS = {
 }
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.fixed_dictionaries({}, optional=FUZZ_FIELDS))
 def test_fuzzed_configs_run_or_stop_with_a_validation_error(synthetic_fmnist, capsys,

@@ -1,0 +1,67 @@
+"""Ablation: each subset of {Loc, Fed, Mix} on top of parallel SL, at C = 50.
+
+    python experiments/ablation.py            # (hours)
+    python experiments/ablation.py --quick    # minutes
+
+The eight subsets are `psl` with the switches `loc`, `fed`, `mix` set (the empty set is
+PSL, all three is LocFedMix-SL), with `--seeds` seeds in one program each. Writes
+`results/ablation_<setting>/ablation_<setting>.csv` and a bar chart `.png`.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import common
+from scalability import SETTINGS
+
+
+def make_runs(args) -> list[common.Run]:
+  iterations = args.iterations or (4 if args.quick else 1000)
+  clients = args.clients or (2 if args.quick else 50)
+  runs = []
+  for loc, fed, mix in itertools.product((False, True), repeat=3):
+    config = SETTINGS[args.setting]("psl", clients, iterations, args.seeds)
+    config.loc, config.fed, config.mix = loc, fed, mix
+    if args.model:
+      config.model = args.model
+    common.finalize(config, args, iterations)
+    parts = [n for n, on in (("loc", loc), ("fed", fed), ("mix", mix)) if on]
+    subset = "+".join(parts) or "none (psl)"
+    if args.subsets and ("_".join(parts) or "psl") not in args.subsets.split(","):
+      continue
+    runs.append(common.Run("_".join(parts) or "psl", {"subset": subset, "clients": clients},
+                           config))
+  return runs
+
+
+def main(argv=None):
+  p = common.common_flags(__doc__.splitlines()[0])
+  p.add_argument("--setting", choices=sorted(SETTINGS), default="fmnist_sglr")
+  p.add_argument("--clients", type=int, default=None)
+  p.add_argument("--iterations", type=int, default=None)
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--model", default=None)
+  p.add_argument("--subsets", default=None,
+                 help="comma-separated run names to keep, e.g. psl,loc_fed_mix")
+  args = p.parse_args(argv)
+  name = f"ablation_{args.setting}" + ("_quick" if args.quick else "")
+  rows = common.run_all(name, make_runs(args), args.out)
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  ax.bar([r["subset"] for r in rows], [r["test_accuracy"] for r in rows],
+         yerr=[r["test_accuracy_std"] for r in rows], capsize=3)
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(f"{args.setting}, C = {rows[0]['clients']}: PSL + each subset of "
+               f"{{Loc, Fed, Mix}}", fontsize=9)
+  ax.tick_params(axis="x", labelsize=7, rotation=20)
+  fig.tight_layout()
+  fig.savefig(os.path.join(args.out or common.RESULTS, name, f"{name}.png"), dpi=120)
+  plt.close(fig)
+  return rows
+
+
+if __name__ == "__main__":
+  main()

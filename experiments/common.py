@@ -1,0 +1,155 @@
+"""What the paper-claim experiments share: settings, a resumable runner, CSV and plots.
+
+Oh et al. (LocFedMix-SL, WWW 2022) claim better scalability, faster convergence and
+lower latency than sequential SL, SplitFed and LocSplitFed. The scripts beside this
+file test those claims; each run here is `lfmjax.train.train_and_evaluate` (what the
+CLI runs) in its own workdir under `experiments/results/<experiment>/runs/`, so a killed
+script resumes every run from its last checkpoint, and a finished run is not redone.
+Seeds run in one program (`num_seeds`); rows report their mean and spread.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from lfmjax.config import base_config
+from lfmjax.train import train_and_evaluate
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+ALGORITHMS = ("sl", "psl", "sfl_v1", "sfl_v2", "locsplitfed", "locfedmix", "sglr", "mix2sfl")
+CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+def sglr_fmnist(algorithm: str, clients: int, iterations: int, seeds: int):
+  """SGLR's setting (SPEC.md): Fashion-MNIST as resnet16 input (32x32x3 in [-1, 1]),
+  1,000 IID samples per client, Adam 1e-3 on both sides, batch 8."""
+  c = base_config()
+  c.algorithm = algorithm
+  c.dataset = "fashion_mnist"
+  c.model = "resnet16"
+  c.input.resize_to = 32
+  c.input.channels = 3
+  c.input.normalize = "pm1"
+  c.partition = "fixed"
+  c.samples_per_client = 1000
+  c.num_clients = clients
+  c.batch_size = 8
+  c.client_optimizer = "adam"
+  c.client_lr = 1e-3
+  c.num_iterations = iterations
+  c.num_seeds = seeds
+  return c
+
+
+def cifar(algorithm: str, clients: int, iterations: int, seeds: int, partition: str = "iid",
+          alpha: float = 0.3):
+  """CIFAR-10 with the VGG-style model, IID or Dirichlet(alpha), Adam 1e-3, batch 32."""
+  c = base_config()
+  c.algorithm = algorithm
+  c.dataset = "cifar10"
+  c.model = "vgg"
+  c.input.normalize = "standard"
+  c.input.mean, c.input.std = CIFAR_STATS
+  c.partition = partition
+  c.dirichlet_alpha = alpha
+  c.num_clients = clients
+  c.batch_size = 32
+  c.client_optimizer = "adam"
+  c.client_lr = 1e-3
+  c.num_iterations = iterations
+  c.num_seeds = seeds
+  return c
+
+
+@dataclass
+class Run:
+  name: str                    # unique within the experiment: the workdir's name
+  labels: dict                 # columns of its CSV row (algorithm, clients, ...)
+  config: object               # an ml_collections.ConfigDict
+  extra: dict = field(default_factory=dict)
+
+
+def common_flags(description: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--quick", action="store_true", help="small C set, few iterations")
+  p.add_argument("--data_dir", default=None, help="dataset directory (else the usual places)")
+  p.add_argument("--out", default=None, help="results directory (default experiments/results)")
+  p.add_argument("--eval_every", type=int, default=None)
+  p.add_argument("--devices", type=int, default=0, help="devices to spread clients over (0: all)")
+  return p
+
+
+def finalize(config, args, iterations_default_eval: int) -> None:
+  config.data_dir = args.data_dir
+  config.num_devices = args.devices
+  config.eval_every = args.eval_every or iterations_default_eval
+  config.checkpoint_every = max(config.eval_every, 1)
+
+
+def evaluations(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r.get("type") == "eval"]
+
+
+def run_all(experiment: str, runs: list[Run], out: str | None = None) -> list[dict]:
+  """Runs (or resumes, or re-reads) every run; writes `<experiment>.csv` after each."""
+  root = os.path.join(out or RESULTS, experiment)
+  rows = []
+  for i, run in enumerate(runs):
+    workdir = os.path.join(root, "runs", run.name)
+    t0 = time.perf_counter()
+    summary = train_and_evaluate(run.config, workdir, quiet=True)
+    seeds = summary.get("final_test_accuracy_seeds") or [summary["final_test_accuracy"]]
+    row = {**run.labels, **run.extra,
+           "test_accuracy": round(100 * summary["final_test_accuracy"], 2),
+           "test_accuracy_std": round(100 * (summary.get("final_test_accuracy_std") or 0.0), 2),
+           "test_accuracy_seeds": " ".join(f"{100 * a:.2f}" for a in seeds),
+           "iterations": summary["iterations"],
+           "latency_s": round(summary["latency_s"], 2),
+           "cpu_s": round(time.perf_counter() - t0, 1),
+           "workdir": os.path.relpath(workdir, root)}
+    rows.append(row)
+    print(f"[{experiment} {i + 1}/{len(runs)}] {row}", flush=True)
+    write_csv(os.path.join(root, f"{experiment}.csv"), rows)
+  return rows
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fields = list(dict.fromkeys(k for row in rows for k in row))
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(tmp, path)
+
+
+def plot(path: str, series: dict[str, tuple[list, list, list | None]], xlabel: str,
+         ylabel: str, title: str, logx: bool = False) -> None:
+  """One line per series name: (x, y, y spread or None)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, (x, y, err) in series.items():
+    if err is None:
+      ax.plot(x, y, "o-", label=name, markersize=3)
+    else:
+      ax.errorbar(x, y, yerr=err, fmt="o-", label=name, markersize=3, capsize=2)
+  if logx:
+    ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

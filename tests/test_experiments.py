@@ -1,0 +1,62 @@
+"""The quick modes of the paper-claim experiments run end to end and write their CSV and
+PNG (real Fashion-MNIST in SGLR's setting; a tiny model and a subset of each grid keep
+the test short; the scripts' own --quick mode is the minutes-long version)."""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+import pytest
+
+from test_cli import fmnist_dir, needs_fmnist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+
+
+def read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+@needs_fmnist
+def test_quick_modes_write_tables_and_plots(tmp_path):
+  import ablation
+  import convergence
+  import knobs
+  import latency
+  import scalability
+  common = ["--quick", "--model", "tiny_cnn", "--seeds", "2", "--iterations", "2",
+            "--out", str(tmp_path), "--data_dir", str(fmnist_dir()), "--devices", "1"]
+  scalability.main(common + ["--algorithms", "psl,locfedmix", "--clients", "1,2"])
+  convergence.main(common + ["--algorithms", "psl", "--eval_every", "1"])
+  ablation.main(common + ["--subsets", "psl,loc_fed_mix"])
+  knobs.main(common + ["--knobs", "mu"])
+  latency.main(["--quick", "--out", str(tmp_path), "--target", "5"])
+
+  rows = read_csv(tmp_path / "scalability_fmnist_sglr_quick" /
+                  "scalability_fmnist_sglr_quick.csv")
+  assert [(r["algorithm"], r["clients"]) for r in rows] == [
+      ("psl", "1"), ("psl", "2"), ("locfedmix", "1"), ("locfedmix", "2")]
+  for r in rows:
+    seeds = [float(a) for a in r["test_accuracy_seeds"].split()]
+    assert len(seeds) == 2 and float(r["test_accuracy"]) == pytest.approx(
+        sum(seeds) / 2, abs=0.01)
+  curve = read_csv(tmp_path / "convergence_fmnist_sglr_quick" /
+                   "convergence_fmnist_sglr_quick.csv")
+  assert [int(r["iteration"]) for r in curve] == [1, 2]
+  assert float(curve[1]["latency_s"]) > float(curve[0]["latency_s"]) > 0
+  assert [r["subset"] for r in read_csv(tmp_path / "ablation_fmnist_sglr_quick" /
+                                        "ablation_fmnist_sglr_quick.csv")] == [
+      "none (psl)", "loc+fed+mix"]
+  assert [(r["knob"], float(r["value"])) for r in read_csv(
+      tmp_path / "knobs_fmnist_sglr_quick" / "knobs_fmnist_sglr_quick.csv")] == [
+      ("mu", 1.0), ("mu", 0.0)]
+  reached = read_csv(tmp_path / "latency_fmnist_sglr_quick" / "latency_fmnist_sglr_quick.csv")
+  assert {r["algorithm"] for r in reached} == {"psl", "locfedmix"}
+  for name in ("scalability_fmnist_sglr_quick/scalability_fmnist_sglr_quick.png",
+               "convergence_fmnist_sglr_quick/convergence_fmnist_sglr_quick_latency.png",
+               "ablation_fmnist_sglr_quick/ablation_fmnist_sglr_quick.png",
+               "knobs_fmnist_sglr_quick/knobs_fmnist_sglr_quick.png",
+               "latency_fmnist_sglr_quick/latency_fmnist_sglr_quick.png"):
+    assert (tmp_path / name).stat().st_size > 1000
