@@ -4,6 +4,7 @@ the test short; the scripts' own --quick mode is the minutes-long version)."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import sys
 
@@ -11,7 +12,18 @@ import pytest
 
 from test_cli import fmnist_dir, needs_fmnist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments")
+sys.path.insert(0, EXPERIMENTS)  # the scripts import `common` and `scalability`
+
+
+def script(name: str):
+  """An experiment script as a module, by path: `configs/ablation.py` may already hold
+  the name `ablation` in sys.modules."""
+  spec = importlib.util.spec_from_file_location(f"experiments_{name}",
+                                                os.path.join(EXPERIMENTS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def read_csv(path):
@@ -21,11 +33,8 @@ def read_csv(path):
 
 @needs_fmnist
 def test_quick_modes_write_tables_and_plots(tmp_path):
-  import ablation
-  import convergence
-  import knobs
-  import latency
-  import scalability
+  ablation, convergence, knobs, latency, scalability = map(
+      script, ("ablation", "convergence", "knobs", "latency", "scalability"))
   common = ["--quick", "--model", "tiny_cnn", "--seeds", "2", "--iterations", "2",
             "--out", str(tmp_path), "--data_dir", str(fmnist_dir()), "--devices", "1"]
   scalability.main(common + ["--algorithms", "psl,locfedmix", "--clients", "1,2"])
