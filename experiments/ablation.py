@@ -13,7 +13,6 @@ import itertools
 import os
 
 import common
-from scalability import SETTINGS
 
 
 def make_runs(args) -> list[common.Run]:
@@ -21,11 +20,8 @@ def make_runs(args) -> list[common.Run]:
   clients = args.clients or (2 if args.quick else 50)
   runs = []
   for loc, fed, mix in itertools.product((False, True), repeat=3):
-    config = SETTINGS[args.setting]("psl", clients, iterations, args.seeds)
+    config = common.make_config(args, "psl", clients, iterations, iterations)
     config.loc, config.fed, config.mix = loc, fed, mix
-    if args.model:
-      config.model = args.model
-    common.finalize(config, args, iterations)
     parts = [n for n, on in (("loc", loc), ("fed", fed), ("mix", mix)) if on]
     subset = "+".join(parts) or "none (psl)"
     if args.subsets and ("_".join(parts) or "psl") not in args.subsets.split(","):
@@ -37,11 +33,7 @@ def make_runs(args) -> list[common.Run]:
 
 def main(argv=None):
   p = common.common_flags(__doc__.splitlines()[0])
-  p.add_argument("--setting", choices=sorted(SETTINGS), default="fmnist_sglr")
   p.add_argument("--clients", type=int, default=None)
-  p.add_argument("--iterations", type=int, default=None)
-  p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--model", default=None)
   p.add_argument("--subsets", default=None,
                  help="comma-separated run names to keep, e.g. psl,loc_fed_mix")
   args = p.parse_args(argv)

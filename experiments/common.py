@@ -25,45 +25,50 @@ ALGORITHMS = ("sl", "psl", "sfl_v1", "sfl_v2", "locsplitfed", "locfedmix", "sglr
 CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 
+def _setting(algorithm: str, dataset: str, model: str, clients: int, batch: int,
+             iterations: int, seeds: int):
+  """The fields every setting sets: Adam 1e-3 on both sides, as SGLR and the paper."""
+  c = base_config()
+  c.algorithm = algorithm
+  c.dataset = dataset
+  c.model = model
+  c.num_clients = clients
+  c.batch_size = batch
+  c.client_optimizer = "adam"
+  c.client_lr = 1e-3
+  c.num_iterations = iterations
+  c.num_seeds = seeds
+  return c
+
+
 def sglr_fmnist(algorithm: str, clients: int, iterations: int, seeds: int):
   """SGLR's setting (SPEC.md): Fashion-MNIST as resnet16 input (32x32x3 in [-1, 1]),
   1,000 IID samples per client, Adam 1e-3 on both sides, batch 8."""
-  c = base_config()
-  c.algorithm = algorithm
-  c.dataset = "fashion_mnist"
-  c.model = "resnet16"
+  c = _setting(algorithm, "fashion_mnist", "resnet16", clients, 8, iterations, seeds)
   c.input.resize_to = 32
   c.input.channels = 3
   c.input.normalize = "pm1"
   c.partition = "fixed"
   c.samples_per_client = 1000
-  c.num_clients = clients
-  c.batch_size = 8
-  c.client_optimizer = "adam"
-  c.client_lr = 1e-3
-  c.num_iterations = iterations
-  c.num_seeds = seeds
   return c
 
 
 def cifar(algorithm: str, clients: int, iterations: int, seeds: int, partition: str = "iid",
           alpha: float = 0.3):
   """CIFAR-10 with the VGG-style model, IID or Dirichlet(alpha), Adam 1e-3, batch 32."""
-  c = base_config()
-  c.algorithm = algorithm
-  c.dataset = "cifar10"
-  c.model = "vgg"
+  c = _setting(algorithm, "cifar10", "vgg", clients, 32, iterations, seeds)
   c.input.normalize = "standard"
   c.input.mean, c.input.std = CIFAR_STATS
   c.partition = partition
   c.dirichlet_alpha = alpha
-  c.num_clients = clients
-  c.batch_size = 32
-  c.client_optimizer = "adam"
-  c.client_lr = 1e-3
-  c.num_iterations = iterations
-  c.num_seeds = seeds
   return c
+
+
+SETTINGS = {
+    "fmnist_sglr": sglr_fmnist,
+    "cifar_iid": lambda a, c, it, s: cifar(a, c, it, s, "iid"),
+    "cifar_dir03": lambda a, c, it, s: cifar(a, c, it, s, "dirichlet", 0.3),
+}
 
 
 @dataclass
@@ -77,6 +82,10 @@ class Run:
 def common_flags(description: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--quick", action="store_true", help="small C set, few iterations")
+  p.add_argument("--setting", choices=sorted(SETTINGS), default="fmnist_sglr")
+  p.add_argument("--iterations", type=int, default=None, help="default: the script's")
+  p.add_argument("--seeds", type=int, default=3, help="seeds in one program per run")
+  p.add_argument("--model", default=None, help="override the setting's model")
   p.add_argument("--data_dir", default=None, help="dataset directory (else the usual places)")
   p.add_argument("--out", default=None, help="results directory (default experiments/results)")
   p.add_argument("--eval_every", type=int, default=None)
@@ -84,11 +93,16 @@ def common_flags(description: str) -> argparse.ArgumentParser:
   return p
 
 
-def finalize(config, args, iterations_default_eval: int) -> None:
+def make_config(args, algorithm: str, clients: int, iterations: int, default_eval: int):
+  """The setting's config for one run, with the command line's overrides."""
+  config = SETTINGS[args.setting](algorithm, clients, iterations, args.seeds)
+  if args.model:
+    config.model = args.model
   config.data_dir = args.data_dir
   config.num_devices = args.devices
-  config.eval_every = args.eval_every or iterations_default_eval
-  config.checkpoint_every = max(config.eval_every, 1)
+  config.eval_every = args.eval_every or default_eval
+  config.checkpoint_every = config.eval_every
+  return config
 
 
 def evaluations(workdir: str) -> list[dict]:

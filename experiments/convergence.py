@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 
 import common
-from scalability import SETTINGS
 
 
 def make_runs(args) -> list[common.Run]:
@@ -24,10 +23,7 @@ def make_runs(args) -> list[common.Run]:
   clients = args.clients or (2 if args.quick else 50)
   runs = []
   for algorithm in algorithms:
-    config = SETTINGS[args.setting](algorithm, clients, iterations, args.seeds)
-    if args.model:
-      config.model = args.model
-    common.finalize(config, args, max(1, iterations // 10))
+    config = common.make_config(args, algorithm, clients, iterations, max(1, iterations // 10))
     runs.append(common.Run(f"{algorithm}_C{clients}",
                            {"algorithm": algorithm, "clients": clients}, config))
   return runs
@@ -47,12 +43,8 @@ def curves(root: str, rows: list[dict]) -> list[dict]:
 
 def main(argv=None):
   p = common.common_flags(__doc__.splitlines()[0])
-  p.add_argument("--setting", choices=sorted(SETTINGS), default="fmnist_sglr")
   p.add_argument("--clients", type=int, default=None)
   p.add_argument("--algorithms", default=None)
-  p.add_argument("--iterations", type=int, default=None)
-  p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--model", default=None)
   args = p.parse_args(argv)
   name = f"convergence_{args.setting}" + ("_quick" if args.quick else "")
   root = os.path.join(args.out or common.RESULTS, name)

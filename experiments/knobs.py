@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 import common
-from scalability import SETTINGS
 
 KNOBS = {  # config field -> values (the default first)
     "fedavg_every": (1, 2, 5, 10),
@@ -31,11 +30,8 @@ def make_runs(args) -> list[common.Run]:
     if args.knobs and knob not in args.knobs.split(","):
       continue
     for value in values:
-      config = SETTINGS[args.setting]("locfedmix", clients, iterations, args.seeds)
+      config = common.make_config(args, "locfedmix", clients, iterations, iterations)
       config[knob] = value
-      if args.model:
-        config.model = args.model
-      common.finalize(config, args, iterations)
       runs.append(common.Run(f"{knob}_{value}", {"knob": knob, "value": value,
                                                  "clients": clients}, config))
   return runs
@@ -43,11 +39,7 @@ def make_runs(args) -> list[common.Run]:
 
 def main(argv=None):
   p = common.common_flags(__doc__.splitlines()[0])
-  p.add_argument("--setting", choices=sorted(SETTINGS), default="fmnist_sglr")
   p.add_argument("--clients", type=int, default=None)
-  p.add_argument("--iterations", type=int, default=None)
-  p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--model", default=None)
   p.add_argument("--knobs", default=None, help="comma-separated knobs to vary (default all)")
   args = p.parse_args(argv)
   name = f"knobs_{args.setting}" + ("_quick" if args.quick else "")

@@ -27,7 +27,6 @@ def time_to_target(workdir: str, target: float) -> tuple[int | None, float | Non
 
 def main(argv=None):
   p = common.common_flags(__doc__.splitlines()[0])
-  p.add_argument("--setting", default="fmnist_sglr")
   p.add_argument("--target", type=float, required=True, help="test accuracy, %")
   args = p.parse_args(argv)
   suffix = "_quick" if args.quick else ""

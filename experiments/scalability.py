@@ -16,11 +16,6 @@ import os
 
 import common
 
-SETTINGS = {
-    "fmnist_sglr": lambda a, c, it, s: common.sglr_fmnist(a, c, it, s),
-    "cifar_iid": lambda a, c, it, s: common.cifar(a, c, it, s, "iid"),
-    "cifar_dir03": lambda a, c, it, s: common.cifar(a, c, it, s, "dirichlet", 0.3),
-}
 FULL_CLIENTS = (1, 2, 5, 10, 20, 50, 100)
 QUICK_CLIENTS = (1, 2)
 
@@ -33,10 +28,7 @@ def make_runs(args) -> list[common.Run]:
   runs = []
   for algorithm in algorithms:
     for c in clients:
-      config = SETTINGS[args.setting](algorithm, c, iterations, args.seeds)
-      if args.model:
-        config.model = args.model
-      common.finalize(config, args, iterations)
+      config = common.make_config(args, algorithm, c, iterations, iterations)
       runs.append(common.Run(f"{algorithm}_C{c}", {"algorithm": algorithm, "clients": c},
                              config))
   return runs
@@ -44,12 +36,8 @@ def make_runs(args) -> list[common.Run]:
 
 def main(argv=None):
   p = common.common_flags(__doc__.splitlines()[0])
-  p.add_argument("--setting", choices=sorted(SETTINGS), default="fmnist_sglr")
   p.add_argument("--clients", default=None, help="comma-separated C values")
   p.add_argument("--algorithms", default=None, help="comma-separated (default: all eight)")
-  p.add_argument("--iterations", type=int, default=None)
-  p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--model", default=None, help="override the setting's model")
   args = p.parse_args(argv)
   name = f"scalability_{args.setting}" + ("_quick" if args.quick else "")
   rows = common.run_all(name, make_runs(args), args.out)

@@ -85,48 +85,45 @@ def _pad_rows(a, rows: int):
   return xp.concatenate([a, xp.repeat(a[:1], rows, axis=0)], axis=0)
 
 
-def _client_trees(cfg: RoundConfig, state: RoundState):
-  server = state.server if _server_is_per_client(cfg) else None
-  return state.clients, server
+def _map_client_leaves(cfg: RoundConfig, fn, state: RoundState, *others: RoundState
+                       ) -> RoundState:
+  """`state` with fn(leaf, *the others' leaves) applied to every client-stacked leaf (the
+  clients' segments, and SFL-V1's per-client server copies); the rest is `state`'s."""
+  def over(name):
+    return jax.tree.map(fn, getattr(state, name), *(getattr(o, name) for o in others))
+  return state.replace(clients=over("clients"),
+                       server=over("server") if _server_is_per_client(cfg) else state.server)
+
+
+CLIENT_DATA = ("idx_CxM", "sizes_C", "weights_C")  # RoundData's client-stacked fields
+
+
+def _map_client_data(fn, data: RoundData) -> RoundData:
+  return data.replace(**{f: fn(getattr(data, f)) for f in CLIENT_DATA})
 
 
 def pad_state(cfg: RoundConfig, state: RoundState, num_padded: int) -> RoundState:
   """The state with num_padded - C copies of client 0 appended to every client leaf."""
   rows = num_padded - cfg.num_clients
-  clients, server = _client_trees(cfg, state)
-  pad = lambda tree: jax.tree.map(lambda a: _pad_rows(a, rows), tree)
-  return state.replace(clients=pad(clients),
-                       server=pad(server) if server is not None else state.server)
+  return _map_client_leaves(cfg, lambda a: _pad_rows(a, rows), state)
 
 
 def pad_data(data: RoundData, num_padded: int) -> RoundData:
   """Padded clients read client 0's rows and weigh 0."""
   rows = num_padded - data.weights_C.shape[0]
-  zeros = (np if isinstance(data.weights_C, np.ndarray) else jnp).zeros(
-      (rows,), data.weights_C.dtype)
-  weights = (np.concatenate if isinstance(zeros, np.ndarray) else jnp.concatenate)(
-      [data.weights_C, zeros])
-  return data.replace(idx_CxM=_pad_rows(data.idx_CxM, rows),
-                      sizes_C=_pad_rows(data.sizes_C, rows), weights_C=weights)
+  xp = np if isinstance(data.weights_C, np.ndarray) else jnp
+  padded = _map_client_data(lambda a: _pad_rows(a, rows), data)
+  return padded.replace(weights_C=xp.concatenate(
+      [data.weights_C, xp.zeros((rows,), data.weights_C.dtype)]))
 
 
 def real_clients(cfg: RoundConfig, state: RoundState) -> RoundState:
   """The state of the C real clients (a static slice; a no-op without padding)."""
-  c = cfg.num_clients
-  clients, server = _client_trees(cfg, state)
-  take = lambda tree: jax.tree.map(lambda a: a[:c], tree)
-  return state.replace(clients=take(clients),
-                       server=take(server) if server is not None else state.server)
+  return _map_client_leaves(cfg, lambda a: a[:cfg.num_clients], state)
 
 
 def real_data(cfg: RoundConfig, data: RoundData) -> RoundData:
-  c = cfg.num_clients
-  return data.replace(idx_CxM=data.idx_CxM[:c], sizes_C=data.sizes_C[:c],
-                      weights_C=data.weights_C[:c])
-
-
-def _write_back(new_tree, old_tree, c: int):
-  return jax.tree.map(lambda new, old: old.at[:c].set(new), new_tree, old_tree)
+  return _map_client_data(lambda a: a[:cfg.num_clients], data)
 
 
 def padded_round(cfg: RoundConfig, round_step, mesh: Mesh | None = None):
@@ -136,35 +133,23 @@ def padded_round(cfg: RoundConfig, round_step, mesh: Mesh | None = None):
   the compiler pads inside the program); without the constraint the partitioner may
   replicate them and every device would compute every client.
   """
+  c = cfg.num_clients
 
-  def keep_split(tree):
+  def keep_split(a):
     if mesh is None:
-      return tree
-    return jax.lax.with_sharding_constraint(
-        tree, jax.tree.map(lambda _: NamedSharding(mesh, P(CLIENTS)), tree))
+      return a
+    return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(CLIENTS)))
 
   def step(state: RoundState, data: RoundData):
     with partitioned(mesh is not None and mesh.size > 1):
       return padded_step(state, data)
 
   def padded_step(state: RoundState, data: RoundData):
-    if data.weights_C.shape[0] == cfg.num_clients:
+    if data.weights_C.shape[0] == c:
       return round_step(state, data)
-    real = real_clients(cfg, state)
-    clients, server = _client_trees(cfg, real)
-    real = real.replace(clients=keep_split(clients),
-                        server=keep_split(server) if server is not None else real.server)
-    rdata = real_data(cfg, data)
-    rdata = rdata.replace(**keep_split({"idx_CxM": rdata.idx_CxM, "sizes_C": rdata.sizes_C,
-                                        "weights_C": rdata.weights_C}))
-    new, metrics = round_step(real, rdata)
-    clients, server = _client_trees(cfg, state)
-    new_clients, new_server = _client_trees(cfg, new)
-    c = cfg.num_clients
-    return new.replace(
-        clients=_write_back(new_clients, clients, c),
-        server=_write_back(new_server, server, c) if server is not None else new.server
-    ), metrics
+    real = _map_client_leaves(cfg, keep_split, real_clients(cfg, state))
+    new, metrics = round_step(real, _map_client_data(keep_split, real_data(cfg, data)))
+    return _map_client_leaves(cfg, lambda new, old: old.at[:c].set(new), new, state), metrics
 
   return step
 

@@ -299,7 +299,7 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
   log(accounting.describe(ledger, latency))
 
   chunk = config.steps_per_dispatch
-  run = place_run(cfg, model, mesh, config.num_seeds, seed, x_example, data, chunk)
+  run = place_run(cfg, model, mesh, config.num_seeds, state, seed, x_example, data, chunk)
   state, data = run.state, run.data
   test = put_global(pad_to_chunks(dataset.test_x, dataset.test_y,
                                   min(config.eval_chunk, len(dataset.test_y))),
@@ -422,13 +422,15 @@ class PlacedRun:
   evaluate: Any      # (state, weights_C, client_ids, test) -> {'accuracy', 'loss'}
 
 
-def place_run(cfg, model, mesh, num_seeds: int, seed: int, x_example, data_host,
-              chunk: int) -> PlacedRun:
-  """The state (S seeds stacked when S > 1, clients padded to the mesh) and the data
-  put on `mesh`, and the round, multi-step and evaluation programs for them."""
+def place_run(cfg, model, mesh, num_seeds: int, state: RoundState, seed: int, x_example,
+              data_host, chunk: int) -> PlacedRun:
+  """The state (`state` is seed `seed`'s; S seeds stacked when S > 1, clients padded to
+  the mesh) and the data put on `mesh`, and the round, multi-step and evaluation
+  programs for them."""
   num_padded = padded_num_clients(cfg.num_clients, mesh.size)
-  states = [pad_state(cfg, init_state(cfg, model, jax.random.PRNGKey(seed + i), x_example),
-                      num_padded) for i in range(num_seeds)]
+  states = [state] + [init_state(cfg, model, jax.random.PRNGKey(seed + i), x_example)
+                      for i in range(1, num_seeds)]
+  states = [pad_state(cfg, jax.device_get(s), num_padded) for s in states]
   state = states[0] if num_seeds == 1 else jax.tree.map(lambda *a: np.stack(a), *states)
   placement = make_placement(cfg, state, mesh, seeds=num_seeds > 1)
   state = put_global(state, placement.state)
@@ -483,12 +485,15 @@ def check_finite(metrics: dict, step: int, checkpoints: Checkpoints | None) -> N
                       f"lower client_lr/server_lr and start a new --workdir")
 
 
+def joined_window(window: list[dict]) -> dict:
+  """The train metrics since the last evaluation, one array per metric."""
+  return {k: np.concatenate([m[k] for m in window]) for k in window[0]} if window else {}
+
+
 def window_to_json(window: list[dict]) -> dict:
   """The train metrics since the last evaluation, exactly (float32 -> JSON -> float32)."""
-  if not window:
-    return {}
-  joined = {k: np.concatenate([m[k] for m in window]) for k in window[0]}
-  return {k: {"dtype": str(v.dtype), "values": v.tolist()} for k, v in joined.items()}
+  return {k: {"dtype": str(v.dtype), "values": v.tolist()}
+          for k, v in joined_window(window).items()}
 
 
 def window_from_json(saved: dict) -> list[dict]:
@@ -548,8 +553,7 @@ def evaluation_record(evaluate, state: RoundState, data, client_ids, test, train
   there are several) and the train metrics averaged since the last evaluation."""
   result = jax.device_get(evaluate(state, data.weights_C, client_ids, test))
   accuracy, loss = np.asarray(result["accuracy"]), np.asarray(result["loss"])
-  train = mean_metrics(jax.tree.map(lambda *a: np.concatenate(a), *train_window)
-                       ) if train_window else {}
+  train = mean_metrics(joined_window(train_window))
   record = {"type": "eval", "iteration": step, "epoch": round(step / iters_per_epoch, 4),
             "test_accuracy": float(accuracy.mean()), "test_loss": float(loss.mean())}
   if accuracy.ndim:  # num_seeds > 1

@@ -35,13 +35,17 @@ _SHARED_WEIGHTS = contextvars.ContextVar("lfmjax_shared_weights", default=False)
 
 
 @contextlib.contextmanager
-def shared_weights(enabled: bool = True):
-  """Within this block (at trace time), 'auto' convolutions assume unbatched weights."""
-  token = _SHARED_WEIGHTS.set(enabled)
+def _flag(var: contextvars.ContextVar, enabled: bool):
+  token = var.set(enabled)
   try:
     yield
   finally:
-    _SHARED_WEIGHTS.reset(token)
+    var.reset(token)
+
+
+def shared_weights(enabled: bool = True):
+  """Within this block (at trace time), 'auto' convolutions assume unbatched weights."""
+  return _flag(_SHARED_WEIGHTS, enabled)
 
 
 def weights_are_shared() -> bool:
@@ -51,16 +55,11 @@ def weights_are_shared() -> bool:
 _PARTITIONED = contextvars.ContextVar("lfmjax_partitioned", default=False)
 
 
-@contextlib.contextmanager
 def partitioned(enabled: bool = True):
   """Within this block (at trace time) the sample axis may be split over devices: the
   cache-sized chunk loops below become one chunk, since a loop over a split axis would
   make the compiler gather it onto every device."""
-  token = _PARTITIONED.set(enabled)
-  try:
-    yield
-  finally:
-    _PARTITIONED.reset(token)
+  return _flag(_PARTITIONED, enabled)
 
 
 def is_partitioned() -> bool:
