@@ -20,8 +20,12 @@ def make_runs(args) -> list[common.Run]:
   clients = args.clients or (2 if args.quick else 50)
   runs = []
   for loc, fed, mix in itertools.product((False, True), repeat=3):
-    config = common.make_config(args, "psl", clients, iterations, iterations)
-    config.loc, config.fed, config.mix = loc, fed, mix
+    if (loc, fed, mix) in ((False,) * 3, (True,) * 3):  # PSL and LocFedMix-SL as such,
+      algorithm = "locfedmix" if loc else "psl"          # so other experiments' runs count
+      config = common.make_config(args, algorithm, clients, iterations)
+    else:
+      config = common.make_config(args, "psl", clients, iterations)
+      config.loc, config.fed, config.mix = loc, fed, mix
     parts = [n for n, on in (("loc", loc), ("fed", fed), ("mix", mix)) if on]
     subset = "+".join(parts) or "none (psl)"
     if args.subsets and ("_".join(parts) or "psl") not in args.subsets.split(","):
@@ -38,7 +42,8 @@ def main(argv=None):
                  help="comma-separated run names to keep, e.g. psl,loc_fed_mix")
   args = p.parse_args(argv)
   name = f"ablation_{args.setting}" + ("_quick" if args.quick else "")
-  rows = common.run_all(name, make_runs(args), args.out)
+  rows = common.run_all(name, make_runs(args), args.out,
+                         extend_from=args.extend_from)
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

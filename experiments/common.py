@@ -3,14 +3,17 @@
 Oh et al. (LocFedMix-SL, WWW 2022) claim better scalability, faster convergence and
 lower latency than sequential SL, SplitFed and LocSplitFed. The scripts beside this
 file test those claims; each run here is `lfmjax.train.train_and_evaluate` (what the
-CLI runs) in its own workdir under `experiments/results/<experiment>/runs/`, so a killed
-script resumes every run from its last checkpoint, and a finished run is not redone.
-Seeds run in one program (`num_seeds`); rows report their mean and spread.
+CLI runs) in its own workdir `experiments/results/runs/<name>-<config digest>`, so a
+killed script resumes every run from its last checkpoint, a finished run is not redone,
+and experiments that need the same run (the C = 50 runs of scalability, convergence,
+ablation and knobs) share it. Seeds run in one program (`num_seeds`); rows report their
+mean and spread.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import time
@@ -41,6 +44,17 @@ def _setting(algorithm: str, dataset: str, model: str, clients: int, batch: int,
   return c
 
 
+def fmnist_mlp(algorithm: str, clients: int, iterations: int, seeds: int):
+  """SGLR's data and optimiser (1,000 IID Fashion-MNIST samples per client, Adam 1e-3,
+  batch 8) with the `mlp` split model on the 28x28 images in [-1, 1]: about 15x
+  cheaper per sample than resnet16, so the whole grid fits the CPU budget."""
+  c = sglr_fmnist(algorithm, clients, iterations, seeds)
+  c.model = "mlp"
+  c.input.resize_to = None
+  c.input.channels = None
+  return c
+
+
 def sglr_fmnist(algorithm: str, clients: int, iterations: int, seeds: int):
   """SGLR's setting (SPEC.md): Fashion-MNIST as resnet16 input (32x32x3 in [-1, 1]),
   1,000 IID samples per client, Adam 1e-3 on both sides, batch 8."""
@@ -64,16 +78,29 @@ def cifar(algorithm: str, clients: int, iterations: int, seeds: int, partition: 
   return c
 
 
+def cifar_small(algorithm: str, clients: int, iterations: int, seeds: int,
+                partition: str = "iid", alpha: float = 0.3):
+  """CIFAR-10 as `cifar`, with the VGG-style model at half width (16-32-64) and batch 8:
+  about 8x cheaper per iteration, for the CPU budget."""
+  c = cifar(algorithm, clients, iterations, seeds, partition, alpha)
+  c.batch_size = 8
+  c.model_overrides = {"widths": (16, 32, 64)}
+  return c
+
+
 SETTINGS = {
     "fmnist_sglr": sglr_fmnist,
+    "fmnist_mlp": fmnist_mlp,
     "cifar_iid": lambda a, c, it, s: cifar(a, c, it, s, "iid"),
     "cifar_dir03": lambda a, c, it, s: cifar(a, c, it, s, "dirichlet", 0.3),
+    "cifar_small_iid": lambda a, c, it, s: cifar_small(a, c, it, s, "iid"),
+    "cifar_small_dir03": lambda a, c, it, s: cifar_small(a, c, it, s, "dirichlet", 0.3),
 }
 
 
 @dataclass
 class Run:
-  name: str                    # unique within the experiment: the workdir's name
+  name: str                    # what the progress lines call it
   labels: dict                 # columns of its CSV row (algorithm, clients, ...)
   config: object               # an ml_collections.ConfigDict
   extra: dict = field(default_factory=dict)
@@ -89,12 +116,22 @@ def common_flags(description: str) -> argparse.ArgumentParser:
   p.add_argument("--data_dir", default=None, help="dataset directory (else the usual places)")
   p.add_argument("--out", default=None, help="results directory (default experiments/results)")
   p.add_argument("--eval_every", type=int, default=None)
+  p.add_argument("--eval_clients", type=int, default=None,
+                 help="clients whose own lowers are evaluated without FedAvg (default 20)")
   p.add_argument("--devices", type=int, default=0, help="devices to spread clients over (0: all)")
+  p.add_argument("--extend_from", type=int, default=None,
+                 help="continue the finished runs of this many iterations to --iterations")
   return p
 
 
-def make_config(args, algorithm: str, clients: int, iterations: int, default_eval: int):
-  """The setting's config for one run, with the command line's overrides."""
+def make_config(args, algorithm: str, clients: int, iterations: int,
+                default_eval: int | None = None):
+  """The setting's config for one run, with the command line's overrides. Evaluations
+  default to every tenth of the run in every script, so runs are shared between them
+  and every run has a curve that shows whether it reached a plateau."""
+  default_eval = default_eval or max(1, iterations // 10)
+  if getattr(args, "extend_from", None):  # keep the shorter runs' evaluation grid
+    default_eval = max(1, args.extend_from // 10)
   config = SETTINGS[args.setting](algorithm, clients, iterations, args.seeds)
   if args.model:
     config.model = args.model
@@ -102,6 +139,8 @@ def make_config(args, algorithm: str, clients: int, iterations: int, default_eva
   config.num_devices = args.devices
   config.eval_every = args.eval_every or default_eval
   config.checkpoint_every = config.eval_every
+  if getattr(args, "eval_clients", None):
+    config.eval_clients = args.eval_clients
   return config
 
 
@@ -110,12 +149,43 @@ def evaluations(workdir: str) -> list[dict]:
     return [r for r in map(json.loads, f) if r.get("type") == "eval"]
 
 
-def run_all(experiment: str, runs: list[Run], out: str | None = None) -> list[dict]:
-  """Runs (or resumes, or re-reads) every run; writes `<experiment>.csv` after each."""
-  root = os.path.join(out or RESULTS, experiment)
+def config_digest(config) -> str:
+  """What a run computes: the digest of its config without where the data lives."""
+  fields = json.loads(config.to_json_best_effort(sort_keys=True))
+  fields.pop("data_dir", None)
+  return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_dir(base: str, config) -> str:
+  """A run's workdir is named by its config alone, so every experiment that needs the
+  same run finds it: `runs/<algorithm>_C<clients>-<config digest>`."""
+  return os.path.join(base, "runs",
+                      f"{config.algorithm}_C{config.num_clients}-{config_digest(config)}")
+
+
+def _take_over(base: str, run: Run, workdir: str, extend_from: int) -> None:
+  """Renames the same run made with `extend_from` iterations to this run's workdir, so
+  it resumes from its last checkpoint instead of starting again (the iteration count
+  is the one field a resumed run may change)."""
+  shorter = run.config.copy_and_resolve_references()
+  shorter.num_iterations = extend_from
+  old = run_dir(base, shorter)
+  if os.path.isdir(old) and not os.path.exists(workdir):
+    os.rename(old, workdir)
+
+
+def run_all(experiment: str, runs: list[Run], out: str | None = None,
+            csv_name: str | None = None, extend_from: int | None = None) -> list[dict]:
+  """Runs (or resumes, or re-reads) every run; writes `<experiment>/<csv_name>.csv`
+  (default: the experiment's name) after each. With `extend_from`, a finished run of
+  that many iterations is continued rather than redone."""
+  base = out or RESULTS
+  root = os.path.join(base, experiment)
   rows = []
   for i, run in enumerate(runs):
-    workdir = os.path.join(root, "runs", run.name)
+    workdir = run_dir(base, run.config)
+    if extend_from:
+      _take_over(base, run, workdir, extend_from)
     t0 = time.perf_counter()
     summary = train_and_evaluate(run.config, workdir, quiet=True)
     seeds = summary.get("final_test_accuracy_seeds") or [summary["final_test_accuracy"]]
@@ -125,11 +195,11 @@ def run_all(experiment: str, runs: list[Run], out: str | None = None) -> list[di
            "test_accuracy_seeds": " ".join(f"{100 * a:.2f}" for a in seeds),
            "iterations": summary["iterations"],
            "latency_s": round(summary["latency_s"], 2),
-           "cpu_s": round(time.perf_counter() - t0, 1),
+           "wall_s": round(evaluations(workdir)[-1].get("wall_s", time.perf_counter() - t0), 1),
            "workdir": os.path.relpath(workdir, root)}
     rows.append(row)
-    print(f"[{experiment} {i + 1}/{len(runs)}] {row}", flush=True)
-    write_csv(os.path.join(root, f"{experiment}.csv"), rows)
+    print(f"[{experiment} {i + 1}/{len(runs)} {run.name}] {row}", flush=True)
+    write_csv(os.path.join(root, f"{csv_name or experiment}.csv"), rows)
   return rows
 
 

@@ -19,11 +19,11 @@ import common
 
 def make_runs(args) -> list[common.Run]:
   algorithms = args.algorithms.split(",") if args.algorithms else common.ALGORITHMS
-  iterations = args.iterations or (6 if args.quick else 1500)
+  iterations = args.iterations or (6 if args.quick else 1000)
   clients = args.clients or (2 if args.quick else 50)
   runs = []
   for algorithm in algorithms:
-    config = common.make_config(args, algorithm, clients, iterations, max(1, iterations // 10))
+    config = common.make_config(args, algorithm, clients, iterations)
     runs.append(common.Run(f"{algorithm}_C{clients}",
                            {"algorithm": algorithm, "clients": clients}, config))
   return runs
@@ -48,8 +48,9 @@ def main(argv=None):
   args = p.parse_args(argv)
   name = f"convergence_{args.setting}" + ("_quick" if args.quick else "")
   root = os.path.join(args.out or common.RESULTS, name)
-  rows = common.run_all(name + "_runs", make_runs(args), root)
-  table = curves(os.path.join(root, name + "_runs"), rows)
+  rows = common.run_all(name, make_runs(args), args.out, csv_name=name + "_runs",
+                         extend_from=args.extend_from)
+  table = curves(root, rows)
   common.write_csv(os.path.join(root, f"{name}.csv"), table)
   for x, label, suffix in (("iteration", "iteration", "iterations"),
                            ("latency_s", "simulated latency (s)", "latency")):

@@ -14,10 +14,10 @@ import os
 import common
 
 KNOBS = {  # config field -> values (the default first)
-    "fedavg_every": (1, 2, 5, 10),
-    "num_mixed": (1, 2, 4),
-    "mixup_alpha": (2.0, 0.5, 1.0, 4.0),
-    "mu": (1.0, 0.0, 0.3, 3.0),
+    "fedavg_every": (1, 5, 20),
+    "num_mixed": (1, 4),
+    "mixup_alpha": (2.0, 0.5, 8.0),
+    "mu": (1.0, 0.0, 0.3),
 }
 QUICK_KNOBS = {k: v[:2] for k, v in KNOBS.items()}
 
@@ -30,7 +30,7 @@ def make_runs(args) -> list[common.Run]:
     if args.knobs and knob not in args.knobs.split(","):
       continue
     for value in values:
-      config = common.make_config(args, "locfedmix", clients, iterations, iterations)
+      config = common.make_config(args, "locfedmix", clients, iterations)
       config[knob] = value
       runs.append(common.Run(f"{knob}_{value}", {"knob": knob, "value": value,
                                                  "clients": clients}, config))
@@ -43,7 +43,8 @@ def main(argv=None):
   p.add_argument("--knobs", default=None, help="comma-separated knobs to vary (default all)")
   args = p.parse_args(argv)
   name = f"knobs_{args.setting}" + ("_quick" if args.quick else "")
-  rows = common.run_all(name, make_runs(args), args.out)
+  rows = common.run_all(name, make_runs(args), args.out,
+                         extend_from=args.extend_from)
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

@@ -4,7 +4,7 @@
     python experiments/latency.py --quick --target 10
 
 Reads the evaluation histories of the scalability and convergence runs already made
-(their `metrics.jsonl`, with lfmjax's simulated latency at each evaluation; SPEC.md's
+(the runs their CSVs list, and those runs' `metrics.jsonl`, with lfmjax's simulated latency at each evaluation; SPEC.md's
 communication and latency model) and reports, for every run, the first evaluation at
 or above `--target` % mean accuracy: its iteration and simulated seconds, or "not
 reached". Writes `results/latency_<setting>/latency_<setting>.csv` and `.png`.
@@ -12,7 +12,7 @@ Runs nothing itself, so it takes seconds.
 """
 from __future__ import annotations
 
-import glob
+import csv
 import os
 
 import common
@@ -31,15 +31,18 @@ def main(argv=None):
   args = p.parse_args(argv)
   suffix = "_quick" if args.quick else ""
   base = args.out or common.RESULTS
-  patterns = [os.path.join(base, f"scalability_{args.setting}{suffix}", "runs", "*"),
-              os.path.join(base, f"convergence_{args.setting}{suffix}",
-                           f"convergence_{args.setting}{suffix}_runs", "runs", "*")]
+  tables = [(f"scalability_{args.setting}{suffix}", f"scalability_{args.setting}{suffix}"),
+            (f"convergence_{args.setting}{suffix}", f"convergence_{args.setting}{suffix}_runs")]
   rows = {}
-  for pattern in patterns:
-    for workdir in sorted(glob.glob(pattern)):
-      if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-        continue
-      algorithm, clients = os.path.basename(workdir).rsplit("_C", 1)
+  for experiment, table_name in tables:
+    path = os.path.join(base, experiment, f"{table_name}.csv")
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      finished = list(csv.DictReader(f))
+    for run in finished:
+      workdir = os.path.normpath(os.path.join(base, experiment, run["workdir"]))
+      algorithm, clients = run["algorithm"], run["clients"]
       iteration, latency = time_to_target(workdir, args.target)
       key = (algorithm, int(clients))
       if key not in rows or (latency is not None and (rows[key]["latency_s"] in ("", None)

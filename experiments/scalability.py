@@ -28,7 +28,7 @@ def make_runs(args) -> list[common.Run]:
   runs = []
   for algorithm in algorithms:
     for c in clients:
-      config = common.make_config(args, algorithm, c, iterations, iterations)
+      config = common.make_config(args, algorithm, c, iterations)
       runs.append(common.Run(f"{algorithm}_C{c}", {"algorithm": algorithm, "clients": c},
                              config))
   return runs
@@ -40,7 +40,8 @@ def main(argv=None):
   p.add_argument("--algorithms", default=None, help="comma-separated (default: all eight)")
   args = p.parse_args(argv)
   name = f"scalability_{args.setting}" + ("_quick" if args.quick else "")
-  rows = common.run_all(name, make_runs(args), args.out)
+  rows = common.run_all(name, make_runs(args), args.out,
+                         extend_from=args.extend_from)
   series = {}
   for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
     mine = [r for r in rows if r["algorithm"] == algorithm]

@@ -33,8 +33,9 @@ def read_csv(path):
 
 @needs_fmnist
 def test_quick_modes_write_tables_and_plots(tmp_path):
-  ablation, convergence, knobs, latency, scalability = map(
-      script, ("ablation", "convergence", "knobs", "latency", "scalability"))
+  ablation, convergence, knobs, latency, scalability, sglr_baseline = map(
+      script, ("ablation", "convergence", "knobs", "latency", "scalability",
+               "sglr_baseline"))
   common = ["--quick", "--model", "tiny_cnn", "--seeds", "2", "--iterations", "2",
             "--out", str(tmp_path), "--data_dir", str(fmnist_dir()), "--devices", "1"]
   scalability.main(common + ["--algorithms", "psl,locfedmix", "--clients", "1,2"])
@@ -42,6 +43,7 @@ def test_quick_modes_write_tables_and_plots(tmp_path):
   ablation.main(common + ["--subsets", "psl,loc_fed_mix"])
   knobs.main(common + ["--knobs", "mu"])
   latency.main(["--quick", "--out", str(tmp_path), "--target", "5"])
+  sglr_baseline.main(common + ["--seeds", "1"])
 
   rows = read_csv(tmp_path / "scalability_fmnist_sglr_quick" /
                   "scalability_fmnist_sglr_quick.csv")
@@ -63,9 +65,21 @@ def test_quick_modes_write_tables_and_plots(tmp_path):
       ("mu", 1.0), ("mu", 0.0)]
   reached = read_csv(tmp_path / "latency_fmnist_sglr_quick" / "latency_fmnist_sglr_quick.csv")
   assert {r["algorithm"] for r in reached} == {"psl", "locfedmix"}
+  # Runs with the same config are made once and shared: convergence's psl C=2,
+  # ablation's two ends and knobs' default mu are scalability's runs; only mu=0 is new
+  # (and sglr_baseline's two one-seed runs).
+  shared = read_csv(tmp_path / "convergence_fmnist_sglr_quick" /
+                    "convergence_fmnist_sglr_quick_runs.csv")
+  assert os.path.basename(shared[0]["workdir"]) == os.path.basename(rows[1]["workdir"])
+  assert len(os.listdir(tmp_path / "runs")) == 5 + 2
+  baseline = read_csv(tmp_path / "sglr_baseline_quick" / "sglr_baseline_quick.csv")
+  assert [(r["clients"], r["sglr_table1"]) for r in baseline] == [("1", "82.45"), ("2", "")]
+  for r in baseline:
+    assert float(r["best_test_accuracy"]) >= float(r["test_accuracy"])
   for name in ("scalability_fmnist_sglr_quick/scalability_fmnist_sglr_quick.png",
                "convergence_fmnist_sglr_quick/convergence_fmnist_sglr_quick_latency.png",
                "ablation_fmnist_sglr_quick/ablation_fmnist_sglr_quick.png",
                "knobs_fmnist_sglr_quick/knobs_fmnist_sglr_quick.png",
-               "latency_fmnist_sglr_quick/latency_fmnist_sglr_quick.png"):
+               "latency_fmnist_sglr_quick/latency_fmnist_sglr_quick.png",
+               "sglr_baseline_quick/sglr_baseline_quick.png"):
     assert (tmp_path / name).stat().st_size > 1000
