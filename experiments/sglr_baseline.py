@@ -27,8 +27,9 @@ def make_runs(args) -> list[common.Run]:
       [1, 2] if args.quick else sorted(SGLR_TABLE1))
   iterations = args.iterations or (4 if args.quick else 1000)
   runs = []
+  grid = args.extend_from or iterations  # an extended run keeps its evaluation grid
   for c in clients:
-    args.eval_every = max(1, iterations // (10 if c == 1 else 4))
+    args.eval_every = max(1, grid // (10 if c == 1 else 4))
     args.eval_clients = None if c == 1 else 4
     config = common.make_config(args, "psl", c, iterations)
     runs.append(common.Run(f"psl_C{c}", {"algorithm": "psl", "clients": c}, config))
