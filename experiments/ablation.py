@@ -44,19 +44,14 @@ def main(argv=None):
   name = f"ablation_{args.setting}" + ("_quick" if args.quick else "")
   rows = common.run_all(name, make_runs(args), args.out,
                          extend_from=args.extend_from)
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 3.5))
-  ax.bar([r["subset"] for r in rows], [r["test_accuracy"] for r in rows],
-         yerr=[r["test_accuracy_std"] for r in rows], capsize=3)
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title(f"{args.setting}, C = {rows[0]['clients']}: PSL + each subset of "
-               f"{{Loc, Fed, Mix}}", fontsize=9)
-  ax.tick_params(axis="x", labelsize=7, rotation=20)
-  fig.tight_layout()
-  fig.savefig(os.path.join(args.out or common.RESULTS, name, f"{name}.png"), dpi=120)
-  plt.close(fig)
+  path = os.path.join(args.out or common.RESULTS, name, f"{name}.png")
+  with common.figure(path, figsize=(7, 3.5)) as (fig, ax):
+    ax.bar([r["subset"] for r in rows], [r["test_accuracy"] for r in rows],
+           yerr=[r["test_accuracy_std"] for r in rows], capsize=3)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{args.setting}, C = {rows[0]['clients']}: PSL + each subset of "
+                 f"{{Loc, Fed, Mix}}", fontsize=9)
+    ax.tick_params(axis="x", labelsize=7, rotation=20)
   return rows
 
 

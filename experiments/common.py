@@ -12,15 +12,17 @@ mean and spread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lfmjax.config import base_config
-from lfmjax.train import train_and_evaluate
+from lfmjax.train import train_and_evaluate, write_atomically
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -103,7 +105,6 @@ class Run:
   name: str                    # what the progress lines call it
   labels: dict                 # columns of its CSV row (algorithm, clients, ...)
   config: object               # an ml_collections.ConfigDict
-  extra: dict = field(default_factory=dict)
 
 
 def common_flags(description: str) -> argparse.ArgumentParser:
@@ -124,14 +125,12 @@ def common_flags(description: str) -> argparse.ArgumentParser:
   return p
 
 
-def make_config(args, algorithm: str, clients: int, iterations: int,
-                default_eval: int | None = None):
+def make_config(args, algorithm: str, clients: int, iterations: int):
   """The setting's config for one run, with the command line's overrides. Evaluations
   default to every tenth of the run in every script, so runs are shared between them
-  and every run has a curve that shows whether it reached a plateau."""
-  default_eval = default_eval or max(1, iterations // 10)
-  if getattr(args, "extend_from", None):  # keep the shorter runs' evaluation grid
-    default_eval = max(1, args.extend_from // 10)
+  and every run has a curve that shows whether it reached a plateau; an extended run
+  keeps the shorter run's grid."""
+  default_eval = max(1, (getattr(args, "extend_from", None) or iterations) // 10)
   config = SETTINGS[args.setting](algorithm, clients, iterations, args.seeds)
   if args.model:
     config.model = args.model
@@ -163,11 +162,11 @@ def run_dir(base: str, config) -> str:
                       f"{config.algorithm}_C{config.num_clients}-{config_digest(config)}")
 
 
-def _take_over(base: str, run: Run, workdir: str, extend_from: int) -> None:
+def _take_over(base: str, config, workdir: str, extend_from: int) -> None:
   """Renames the same run made with `extend_from` iterations to this run's workdir, so
   it resumes from its last checkpoint instead of starting again (the iteration count
   is the one field a resumed run may change)."""
-  shorter = run.config.copy_and_resolve_references()
+  shorter = config.copy_and_resolve_references()
   shorter.num_iterations = extend_from
   old = run_dir(base, shorter)
   if os.path.isdir(old) and not os.path.exists(workdir):
@@ -185,11 +184,11 @@ def run_all(experiment: str, runs: list[Run], out: str | None = None,
   for i, run in enumerate(runs):
     workdir = run_dir(base, run.config)
     if extend_from:
-      _take_over(base, run, workdir, extend_from)
+      _take_over(base, run.config, workdir, extend_from)
     t0 = time.perf_counter()
     summary = train_and_evaluate(run.config, workdir, quiet=True)
     seeds = summary.get("final_test_accuracy_seeds") or [summary["final_test_accuracy"]]
-    row = {**run.labels, **run.extra,
+    row = {**run.labels,
            "test_accuracy": round(100 * summary["final_test_accuracy"], 2),
            "test_accuracy_std": round(100 * (summary.get("final_test_accuracy_std") or 0.0), 2),
            "test_accuracy_seeds": " ".join(f"{100 * a:.2f}" for a in seeds),
@@ -205,35 +204,47 @@ def run_all(experiment: str, runs: list[Run], out: str | None = None,
 
 def write_csv(path: str, rows: list[dict]) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fields = list(dict.fromkeys(k for row in rows for k in row))
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(tmp, path)
+  text = io.StringIO()
+  writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+  writer.writeheader()
+  writer.writerows(rows)
+  write_atomically(path, text.getvalue())
+
+
+def read_csv(path: str) -> list[dict]:
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+@contextlib.contextmanager
+def figure(path: str, **subplots):
+  """(fig, axes) of `plt.subplots(**subplots)`, saved to `path` at the block's end."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(**subplots)
+  try:
+    yield fig, axes
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=120)
+  finally:
+    plt.close(fig)
 
 
 def plot(path: str, series: dict[str, tuple[list, list, list | None]], xlabel: str,
          ylabel: str, title: str, logx: bool = False) -> None:
   """One line per series name: (x, y, y spread or None)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for name, (x, y, err) in series.items():
-    if err is None:
-      ax.plot(x, y, "o-", label=name, markersize=3)
-    else:
-      ax.errorbar(x, y, yerr=err, fmt="o-", label=name, markersize=3, capsize=2)
-  if logx:
-    ax.set_xscale("log")
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title, fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  with figure(path, figsize=(6, 4)) as (fig, ax):
+    for name, (x, y, err) in series.items():
+      if err is None:
+        ax.plot(x, y, "o-", label=name, markersize=3)
+      else:
+        ax.errorbar(x, y, yerr=err, fmt="o-", label=name, markersize=3, capsize=2)
+    if logx:
+      ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)

@@ -45,22 +45,18 @@ def main(argv=None):
   name = f"knobs_{args.setting}" + ("_quick" if args.quick else "")
   rows = common.run_all(name, make_runs(args), args.out,
                          extend_from=args.extend_from)
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   knobs = list(dict.fromkeys(r["knob"] for r in rows))
-  fig, axes = plt.subplots(1, len(knobs), figsize=(3 * len(knobs), 3), squeeze=False)
-  for ax, knob in zip(axes[0], knobs):
-    mine = sorted((r for r in rows if r["knob"] == knob), key=lambda r: r["value"])
-    ax.errorbar([r["value"] for r in mine], [r["test_accuracy"] for r in mine],
-                yerr=[r["test_accuracy_std"] for r in mine], fmt="o-", capsize=2)
-    ax.set_xlabel(knob)
-    ax.grid(alpha=0.3)
-  axes[0][0].set_ylabel("test accuracy (%)")
-  fig.suptitle(f"{args.setting}, LocFedMix-SL, C = {rows[0]['clients']}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(os.path.join(args.out or common.RESULTS, name, f"{name}.png"), dpi=120)
-  plt.close(fig)
+  path = os.path.join(args.out or common.RESULTS, name, f"{name}.png")
+  with common.figure(path, ncols=len(knobs), figsize=(3 * len(knobs), 3),
+                     squeeze=False) as (fig, axes):
+    for ax, knob in zip(axes[0], knobs):
+      mine = sorted((r for r in rows if r["knob"] == knob), key=lambda r: r["value"])
+      ax.errorbar([r["value"] for r in mine], [r["test_accuracy"] for r in mine],
+                  yerr=[r["test_accuracy_std"] for r in mine], fmt="o-", capsize=2)
+      ax.set_xlabel(knob)
+      ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    fig.suptitle(f"{args.setting}, LocFedMix-SL, C = {rows[0]['clients']}", fontsize=9)
   return rows
 
 

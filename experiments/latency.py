@@ -12,7 +12,6 @@ Runs nothing itself, so it takes seconds.
 """
 from __future__ import annotations
 
-import csv
 import os
 
 import common
@@ -38,9 +37,7 @@ def main(argv=None):
     path = os.path.join(base, experiment, f"{table_name}.csv")
     if not os.path.exists(path):
       continue
-    with open(path) as f:
-      finished = list(csv.DictReader(f))
-    for run in finished:
+    for run in common.read_csv(path):
       workdir = os.path.normpath(os.path.join(base, experiment, run["workdir"]))
       algorithm, clients = run["algorithm"], run["clients"]
       iteration, latency = time_to_target(workdir, args.target)

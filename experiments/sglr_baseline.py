@@ -29,9 +29,10 @@ def make_runs(args) -> list[common.Run]:
   runs = []
   grid = args.extend_from or iterations  # an extended run keeps its evaluation grid
   for c in clients:
-    args.eval_every = max(1, grid // (10 if c == 1 else 4))
-    args.eval_clients = None if c == 1 else 4
     config = common.make_config(args, "psl", c, iterations)
+    config.eval_every = config.checkpoint_every = max(1, grid // (10 if c == 1 else 4))
+    if c > 1:
+      config.eval_clients = 4
     runs.append(common.Run(f"psl_C{c}", {"algorithm": "psl", "clients": c}, config))
   return runs
 

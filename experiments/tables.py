@@ -8,16 +8,14 @@ when not reached). Ablation and knobs: one row per run.
 """
 from __future__ import annotations
 
-import csv
 import os
 import sys
 
 import common
 
 
-def read(name: str, table: str | None = None) -> list[dict]:
-  with open(os.path.join(common.RESULTS, name, f"{table or name}.csv")) as f:
-    return list(csv.DictReader(f))
+def read(name: str) -> list[dict]:
+  return common.read_csv(os.path.join(common.RESULTS, name, f"{name}.csv"))
 
 
 def pivot(rows, row_key, col_key, cell) -> str:
