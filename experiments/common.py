@@ -173,11 +173,26 @@ def _take_over(base: str, config, workdir: str, extend_from: int) -> None:
     os.rename(old, workdir)
 
 
+def wall_seconds(evals: list[dict]) -> float:
+  """A run's wall time over all the processes that made it. lfmjax's `wall_s` counts on
+  across a resume; in runs made before it did, each resume (a crash, or
+  `--extend_from`) restarted it, which shows as a drop."""
+  total = last = 0.0
+  for e in evals:
+    wall = e.get("wall_s", 0.0)
+    if wall < last:
+      total += last
+    last = wall
+  return total + last
+
+
 def run_all(experiment: str, runs: list[Run], out: str | None = None,
-            csv_name: str | None = None, extend_from: int | None = None) -> list[dict]:
+            csv_name: str | None = None, extend_from: int | None = None,
+            keep: list[dict] = ()) -> list[dict]:
   """Runs (or resumes, or re-reads) every run; writes `<experiment>/<csv_name>.csv`
-  (default: the experiment's name) after each. With `extend_from`, a finished run of
-  that many iterations is continued rather than redone."""
+  (default: the experiment's name), after `keep`'s rows, after each. With
+  `extend_from`, a finished run of that many iterations is continued rather than
+  redone."""
   base = out or RESULTS
   root = os.path.join(base, experiment)
   rows = []
@@ -194,11 +209,11 @@ def run_all(experiment: str, runs: list[Run], out: str | None = None,
            "test_accuracy_seeds": " ".join(f"{100 * a:.2f}" for a in seeds),
            "iterations": summary["iterations"],
            "latency_s": round(summary["latency_s"], 2),
-           "wall_s": round(evaluations(workdir)[-1].get("wall_s", time.perf_counter() - t0), 1),
+           "wall_s": round(wall_seconds(evaluations(workdir)) or time.perf_counter() - t0, 1),
            "workdir": os.path.relpath(workdir, root)}
     rows.append(row)
     print(f"[{experiment} {i + 1}/{len(runs)} {run.name}] {row}", flush=True)
-    write_csv(os.path.join(root, f"{csv_name or experiment}.csv"), rows)
+    write_csv(os.path.join(root, f"{csv_name or experiment}.csv"), [*keep, *rows])
   return rows
 
 
@@ -241,8 +256,11 @@ def plot(path: str, series: dict[str, tuple[list, list, list | None]], xlabel: s
         ax.plot(x, y, "o-", label=name, markersize=3)
       else:
         ax.errorbar(x, y, yerr=err, fmt="o-", label=name, markersize=3, capsize=2)
-    if logx:
+    if logx:  # ticks at the values run (the C grid), not at powers of ten
       ax.set_xscale("log")
+      ticks = sorted({v for x, _, _ in series.values() for v in x})
+      ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+      ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

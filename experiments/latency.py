@@ -4,10 +4,11 @@
     python experiments/latency.py --quick --target 10
 
 Reads the evaluation histories of the scalability and convergence runs already made
-(the runs their CSVs list, and those runs' `metrics.jsonl`, with lfmjax's simulated latency at each evaluation; SPEC.md's
-communication and latency model) and reports, for every run, the first evaluation at
+(the runs their CSVs list, and those runs' `metrics.jsonl`, with lfmjax's simulated
+latency at each evaluation; SPEC.md's communication and latency model) and reports, for every run, the first evaluation at
 or above `--target` % mean accuracy: its iteration and simulated seconds, or "not
-reached". Writes `results/latency_<setting>/latency_<setting>.csv` and `.png`.
+reached". Writes `results/latency_<setting>_<target>/latency_<setting>_<target>.csv`
+and `.png`, so several targets' tables sit side by side.
 Runs nothing itself, so it takes seconds.
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ def main(argv=None):
   if not table:
     raise SystemExit(f"no finished runs under {base} for setting {args.setting}{suffix}: "
                      f"run scalability.py / convergence.py first")
-  name = f"latency_{args.setting}{suffix}"
+  name = f"latency_{args.setting}_{args.target:g}{suffix}"
   root = os.path.join(base, name)
   common.write_csv(os.path.join(root, f"{name}.csv"), table)
   series = {}

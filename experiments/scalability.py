@@ -7,7 +7,9 @@ For every algorithm and C, one run of `--iterations` iterations with `--seeds` s
 one program. Writes `results/scalability_<setting>/scalability_<setting>.csv` (mean,
 std and each seed's accuracy) and `.png` (accuracy against C, one line per algorithm).
 Settings: `fmnist_sglr` (SGLR's: resnet16, 1,000 IID samples per client, Adam 1e-3,
-batch 8), `cifar_iid` and `cifar_dir03` (VGG-style, IID or Dirichlet(0.3), batch 32).
+batch 8), `fmnist_mlp` (the same data and optimiser with the `mlp` split model),
+`cifar_iid` and `cifar_dir03` (VGG-style, IID or Dirichlet(0.3), batch 32), and
+`cifar_small_iid` and `cifar_small_dir03` (the VGG-style at half width, batch 8).
 A killed script resumes where it stopped (every run has its own checkpointed workdir).
 """
 from __future__ import annotations
@@ -34,6 +36,19 @@ def make_runs(args) -> list[common.Run]:
   return runs
 
 
+def plot(rows: list[dict], path: str, setting: str, seeds: int) -> None:
+  """Accuracy against C, one line per algorithm (`rows` as in the CSV)."""
+  series = {}
+  for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
+    mine = [r for r in rows if r["algorithm"] == algorithm]
+    series[algorithm] = tuple([float(r[k]) for r in mine]
+                              for k in ("clients", "test_accuracy", "test_accuracy_std"))
+  common.plot(path, series, "clients C", "test accuracy (%)",
+              f"{setting}: final test accuracy ("
+              + (f"mean +- std over {seeds} seeds)" if seeds > 1 else "one seed)"),
+              logx=True)
+
+
 def main(argv=None):
   p = common.common_flags(__doc__.splitlines()[0])
   p.add_argument("--clients", default=None, help="comma-separated C values")
@@ -42,15 +57,8 @@ def main(argv=None):
   name = f"scalability_{args.setting}" + ("_quick" if args.quick else "")
   rows = common.run_all(name, make_runs(args), args.out,
                          extend_from=args.extend_from)
-  series = {}
-  for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
-    mine = [r for r in rows if r["algorithm"] == algorithm]
-    series[algorithm] = ([r["clients"] for r in mine], [r["test_accuracy"] for r in mine],
-                         [r["test_accuracy_std"] for r in mine])
-  root = os.path.join(args.out or common.RESULTS, name)
-  common.plot(os.path.join(root, f"{name}.png"), series, "clients C", "test accuracy (%)",
-              f"{args.setting}: final test accuracy (mean +- std over {args.seeds} seeds)",
-              logx=True)
+  plot(rows, os.path.join(args.out or common.RESULTS, name, f"{name}.png"), args.setting,
+       args.seeds)
   return rows
 
 

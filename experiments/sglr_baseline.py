@@ -37,6 +37,16 @@ def make_runs(args) -> list[common.Run]:
   return runs
 
 
+def _other_rows(csv_path: str, runs: list[common.Run]) -> list[dict]:
+  """The CSV's rows for the C values not run now, so that `--clients 1` (e.g. to extend
+  C = 1 alone) leaves the C = 20 row in the table."""
+  if not os.path.exists(csv_path):
+    return []
+  mine = {run.labels["clients"] for run in runs}
+  rows = [{**row, "clients": int(row["clients"])} for row in common.read_csv(csv_path)]
+  return [row for row in rows if row["clients"] not in mine]
+
+
 def main(argv=None):
   p = common.common_flags(__doc__.splitlines()[0])
   p.add_argument("--clients", default=None, help="comma-separated C values")
@@ -45,7 +55,10 @@ def main(argv=None):
   name = "sglr_baseline" + ("_quick" if args.quick else "")
   root = os.path.join(args.out or common.RESULTS, name)
   runs = make_runs(args)
-  rows = common.run_all(name, runs, args.out, extend_from=args.extend_from)
+  csv_path = os.path.join(root, f"{name}.csv")
+  rows = common.run_all(name, runs, args.out, extend_from=args.extend_from,
+                        keep=_other_rows(csv_path, runs))
+  rows = sorted(_other_rows(csv_path, runs) + rows, key=lambda row: row["clients"])
   series = {}
   for row in rows:
     evals = common.evaluations(os.path.join(root, row["workdir"]))
@@ -54,7 +67,7 @@ def main(argv=None):
     row["sglr_table1"] = SGLR_TABLE1.get(row["clients"], "")
     series[f"psl C={row['clients']}"] = ([e["iteration"] for e in evals],
                                          [100 * e["test_accuracy"] for e in evals], None)
-  common.write_csv(os.path.join(root, f"{name}.csv"), rows)
+  common.write_csv(csv_path, rows)
   common.plot(os.path.join(root, f"{name}.png"), series, "iteration", "test accuracy (%)",
               "PSL in SGLR's setting (resnet16, Fashion-MNIST, 1,000 samples/client, "
               "batch 8)\nSGLR Table 1: 82.45 % (C=1), 84.88 % (C=20)")

@@ -3,8 +3,12 @@
     python experiments/tables.py scalability_fmnist_mlp convergence_fmnist_mlp ...
 
 Scalability: algorithm x C, "mean ± std" over seeds. Convergence: algorithm x
-iteration (mean accuracy). Latency: algorithm x C (simulated seconds to the target, "-"
-when not reached). Ablation and knobs: one row per run.
+iteration (mean accuracy; past 12 evaluations, the first 5 and every 5th after).
+Latency: algorithm x C (simulated seconds to the target, "-" when not reached).
+Ablation and knobs: one row per run. `plateau_<name>` (e.g. plateau_scalability_fmnist_mlp):
+per C, how much the runs' test accuracy still rose over their last fifth.
+`lead_<name>`: per C and algorithm, LocFedMix-SL's accuracy minus that algorithm's,
+averaged over all evaluations, and at how many evaluations it was ahead.
 """
 from __future__ import annotations
 
@@ -14,12 +18,14 @@ import sys
 import common
 
 
-def read(name: str) -> list[dict]:
-  return common.read_csv(os.path.join(common.RESULTS, name, f"{name}.csv"))
+def read(name: str, base: str = common.RESULTS) -> list[dict]:
+  return common.read_csv(os.path.join(base, name, f"{name}.csv"))
 
 
-def pivot(rows, row_key, col_key, cell) -> str:
+def pivot(rows, row_key, col_key, cell, most: int | None = None) -> str:
   cols = sorted({r[col_key] for r in rows}, key=float)
+  if most and len(cols) > most:
+    cols = cols[:5] + cols[9::5] + ([] if (len(cols) - 10) % 5 == 0 else cols[-1:])
   names = list(dict.fromkeys(r[row_key] for r in rows))
   lines = [f"| {row_key} | " + " | ".join(f"{col_key} {c}" for c in cols) + " |",
            "|---|" + "---|" * len(cols)]
@@ -34,15 +40,59 @@ def accuracy(r) -> str:
   return f"{float(r['test_accuracy']):.2f} ± {std:.2f}" if std else f"{float(r['test_accuracy']):.2f}"
 
 
-def table(name: str) -> str:
+def curves(name: str, base: str) -> list[tuple[dict, list[dict]]]:
+  """Each run of an experiment with its evaluations."""
+  runs = os.path.join(base, name, f"{name}_runs.csv")  # convergence's
+  return [(r, common.evaluations(os.path.join(base, name, r["workdir"])))
+          for r in (common.read_csv(runs) if os.path.exists(runs) else read(name, base))]
+
+
+def plateau(name: str, base: str) -> str:
+  """Per C: the mean, smallest and largest rise of the runs' (seed-mean) test accuracy
+  from 80 % of the run to its end, in points."""
+  rises = {}
+  for r, evals in curves(name, base):
+    end = evals[-1]["iteration"]
+    at = min(evals, key=lambda e: abs(e["iteration"] - 0.8 * end))
+    rises.setdefault(r["clients"], []).append(
+        100 * (evals[-1]["test_accuracy"] - at["test_accuracy"]))
+  lines = ["| clients | runs | mean rise | smallest | largest |", "|---|---|---|---|---|"]
+  for c, v in rises.items():
+    lines.append(f"| {c} | {len(v)} | {sum(v) / len(v):+.2f} | {min(v):+.2f} | {max(v):+.2f} |")
+  return "\n".join(lines)
+
+
+def lead(name: str, base: str, of: str = "locfedmix") -> str:
+  """Per C and algorithm: `of`'s test accuracy minus the algorithm's, in points, as the
+  mean over evaluations and the number of evaluations where `of` was ahead."""
+  acc = {(r["algorithm"], r["clients"]): {e["iteration"]: 100 * e["test_accuracy"]
+                                          for e in evals}
+         for r, evals in curves(name, base)}
+  others = [a for a in dict.fromkeys(a for a, _ in acc) if a != of]
+  lines = [f"| clients | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+  for c in dict.fromkeys(c for a, c in acc if a == of):
+    cells = []
+    for a in others:
+      d = [acc[of, c][i] - acc[a, c][i] for i in acc[of, c] if i in acc.get((a, c), {})]
+      cells.append(f"{sum(d) / len(d):+.2f} ({sum(x > 0 for x in d)}/{len(d)})" if d else "")
+    lines.append(f"| {c} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def table(name: str, base: str = common.RESULTS) -> str:
   kind = name.split("_")[0]
+  if kind == "plateau":
+    return plateau(name[len("plateau_"):], base)
+  if kind == "lead":
+    return lead(name[len("lead_"):], base)
   if kind == "scalability":
-    return pivot(read(name), "algorithm", "clients", accuracy)
+    return pivot(read(name, base), "algorithm", "clients", accuracy)
   if kind == "convergence":
-    return pivot(read(name), "algorithm", "iteration", lambda r: r["test_accuracy"])
+    return pivot(read(name, base), "algorithm", "iteration", lambda r: r["test_accuracy"],
+                 most=12)
   if kind == "latency":
-    return pivot(read(name), "algorithm", "clients", lambda r: r["latency_s"] or "-")
-  rows = read(name)
+    return pivot(read(name, base), "algorithm", "clients", lambda r: r["latency_s"] or "-")
+  rows = read(name, base)
   keys = [k for k in rows[0] if k not in ("test_accuracy_seeds", "workdir", "test_accuracy",
                                           "test_accuracy_std")]
   lines = ["| " + " | ".join(keys) + " | test accuracy (%) |", "|---" * (len(keys) + 1) + "|"]

@@ -317,11 +317,13 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
   checkpoints = Checkpoints(workdir, config.keep_checkpoints) if workdir else None
   fingerprint = partition_fingerprint(idx_CxM, sizes_C)
   writer = MetricsWriter(workdir if lead else None)
-  step, last_acc, train_window = 0, None, []
+  step, last_acc, train_window, wall_before = 0, None, [], 0.0
   if resuming:
     state, step, train_window = resume(checkpoints, state, fingerprint, writer,
                                        config.eval_every)
     last_acc = writer.evals[-1]["test_accuracy"] if writer.evals else None
+    # wall_s counts on from the kept evaluations, so a resumed run's is its total.
+    wall_before = writer.evals[-1].get("wall_s", 0.0) if writer.evals else 0.0
     log(f"resuming {workdir} from iteration {step}" if step else
         f"{workdir} has no checkpoint yet: starting from iteration 0")
   progress = Progress(config.num_iterations, step, stream=sys.stderr if not quiet
@@ -351,7 +353,8 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
         compile_s = time.perf_counter() - t0
       if step % config.eval_every == 0 or step == config.num_iterations:
         record = evaluation_record(run.evaluate, state, data, client_ids, test, train_window,
-                                   step, iters_per_epoch, time.perf_counter() - t_start)
+                                   step, iters_per_epoch,
+                                   wall_before + time.perf_counter() - t_start)
         record.update(ledger.totals(step), latency_s=round(latency.total(step), 6))
         if step % config.eval_every == 0:  # an end-of-run evaluation keeps the window
           train_window = []

@@ -86,8 +86,15 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(synthetic_fmnist, tmp_path
   # Stopped at 6: between evaluations, so the train window crosses the checkpoint.
   train_and_evaluate(tiny_config(synthetic_fmnist, algorithm=algorithm, num_devices=devices,
                                  num_iterations=6), str(split), quiet=True)
+  metrics = split / "metrics.jsonl"
+  kept = [json.loads(line) for line in metrics.read_text().splitlines()]
+  kept[0]["wall_s"] = 1000.0  # as if the first process took 1000 s to iteration 4
+  metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
   train_and_evaluate(config, str(split), quiet=True)
   assert records(split) == records(whole)
+  walls = [r["wall_s"] for r in map(json.loads, metrics.read_text().splitlines())
+           if r["type"] == "eval"]
+  assert walls[0] == 1000.0 and walls[1] > 1000.0
   assert [r["iteration"] for r in records(whole) if r["type"] == "eval"] == [4, 8]
   assert_trees_equal(final_state(split, config), final_state(whole, config))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
 import sys
 
@@ -44,6 +45,10 @@ def test_quick_modes_write_tables_and_plots(tmp_path):
   knobs.main(common + ["--knobs", "mu"])
   latency.main(["--quick", "--out", str(tmp_path), "--target", "5"])
   sglr_baseline.main(common + ["--seeds", "1"])
+  first = read_csv(tmp_path / "sglr_baseline_quick" / "sglr_baseline_quick.csv")
+  # Extending C=1 alone continues its run and keeps the C=2 row in the table.
+  sglr_baseline.main(common + ["--seeds", "1", "--clients", "1", "--extend_from", "2",
+                               "--iterations", "4"])
 
   rows = read_csv(tmp_path / "scalability_fmnist_sglr_quick" /
                   "scalability_fmnist_sglr_quick.csv")
@@ -63,7 +68,8 @@ def test_quick_modes_write_tables_and_plots(tmp_path):
   assert [(r["knob"], float(r["value"])) for r in read_csv(
       tmp_path / "knobs_fmnist_sglr_quick" / "knobs_fmnist_sglr_quick.csv")] == [
       ("mu", 1.0), ("mu", 0.0)]
-  reached = read_csv(tmp_path / "latency_fmnist_sglr_quick" / "latency_fmnist_sglr_quick.csv")
+  reached = read_csv(tmp_path / "latency_fmnist_sglr_5_quick" /
+                     "latency_fmnist_sglr_5_quick.csv")
   assert {r["algorithm"] for r in reached} == {"psl", "locfedmix"}
   # Runs with the same config are made once and shared: convergence's psl C=2,
   # ablation's two ends and knobs' default mu are scalability's runs; only mu=0 is new
@@ -73,13 +79,37 @@ def test_quick_modes_write_tables_and_plots(tmp_path):
   assert os.path.basename(shared[0]["workdir"]) == os.path.basename(rows[1]["workdir"])
   assert len(os.listdir(tmp_path / "runs")) == 5 + 2
   baseline = read_csv(tmp_path / "sglr_baseline_quick" / "sglr_baseline_quick.csv")
-  assert [(r["clients"], r["sglr_table1"]) for r in baseline] == [("1", "82.45"), ("2", "")]
+  assert [(r["clients"], r["sglr_table1"], r["iterations"]) for r in baseline] == [
+      ("1", "82.45", "4"), ("2", "", "2")]
+  assert baseline[1] == first[1]
+  # The extended run's wall time counts both of its processes.
+  assert float(baseline[0]["wall_s"]) > float(first[0]["wall_s"])
   for r in baseline:
     assert float(r["best_test_accuracy"]) >= float(r["test_accuracy"])
+  # tables.py's lead of LocFedMix-SL: the mean over evaluations of its accuracy minus
+  # psl's, and how often it was ahead, from the runs' own histories.
+  evals = {r["algorithm"]: [e["test_accuracy"] for e in map(json.loads, open(
+      tmp_path / "scalability_fmnist_sglr_quick" / r["workdir"] / "metrics.jsonl"))
+      if e["type"] == "eval"] for r in rows if r["clients"] == "2"}
+  d = [100 * (a - b) for a, b in zip(evals["locfedmix"], evals["psl"])]
+  lead = script("tables").table("lead_scalability_fmnist_sglr_quick", base=str(tmp_path))
+  assert lead.splitlines()[3] == (
+      f"| 2 | {sum(d) / len(d):+.2f} ({sum(x > 0 for x in d)}/{len(d)}) |")
   for name in ("scalability_fmnist_sglr_quick/scalability_fmnist_sglr_quick.png",
                "convergence_fmnist_sglr_quick/convergence_fmnist_sglr_quick_latency.png",
                "ablation_fmnist_sglr_quick/ablation_fmnist_sglr_quick.png",
                "knobs_fmnist_sglr_quick/knobs_fmnist_sglr_quick.png",
-               "latency_fmnist_sglr_quick/latency_fmnist_sglr_quick.png",
+               "latency_fmnist_sglr_5_quick/latency_fmnist_sglr_5_quick.png",
                "sglr_baseline_quick/sglr_baseline_quick.png"):
     assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_long_curves_are_thinned_to_the_first_five_and_every_fifth_evaluation():
+  tables = script("tables")
+  rows = [{"algorithm": "sl", "iteration": str(i), "acc": str(i)} for i in range(40, 1001, 40)]
+  full = tables.pivot(rows, "algorithm", "iteration", lambda r: r["acc"], most=12)
+  assert full.splitlines()[2] == "| sl | 40 | 80 | 120 | 160 | 200 | 400 | 600 | 800 | 1000 |"
+  odd = tables.pivot(rows[:23], "algorithm", "iteration", lambda r: r["acc"], most=12)
+  assert odd.splitlines()[2].endswith("| 600 | 800 | 920 |")
+  assert len(tables.pivot(rows[:12], "algorithm", "iteration", lambda r: r["acc"],
+                          most=12).splitlines()[2].split("|")) == 12 + 3
