@@ -56,9 +56,9 @@ def main(argv=None):
   root = os.path.join(args.out or common.RESULTS, name)
   runs = make_runs(args)
   csv_path = os.path.join(root, f"{name}.csv")
-  rows = common.run_all(name, runs, args.out, extend_from=args.extend_from,
-                        keep=_other_rows(csv_path, runs))
-  rows = sorted(_other_rows(csv_path, runs) + rows, key=lambda row: row["clients"])
+  kept = _other_rows(csv_path, runs)  # read before run_all rewrites the CSV
+  rows = common.run_all(name, runs, args.out, extend_from=args.extend_from, keep=kept)
+  rows = sorted(kept + rows, key=lambda row: row["clients"])
   series = {}
   for row in rows:
     evals = common.evaluations(os.path.join(root, row["workdir"]))
