@@ -130,7 +130,7 @@ def make_config(args, algorithm: str, clients: int, iterations: int):
   default to every tenth of the run in every script, so runs are shared between them
   and every run has a curve that shows whether it reached a plateau; an extended run
   keeps the shorter run's grid."""
-  default_eval = max(1, (getattr(args, "extend_from", None) or iterations) // 10)
+  default_eval = max(1, (args.extend_from or iterations) // 10)
   config = SETTINGS[args.setting](algorithm, clients, iterations, args.seeds)
   if args.model:
     config.model = args.model
@@ -138,7 +138,7 @@ def make_config(args, algorithm: str, clients: int, iterations: int):
   config.num_devices = args.devices
   config.eval_every = args.eval_every or default_eval
   config.checkpoint_every = config.eval_every
-  if getattr(args, "eval_clients", None):
+  if args.eval_clients:
     config.eval_clients = args.eval_clients
   return config
 
@@ -146,6 +146,17 @@ def make_config(args, algorithm: str, clients: int, iterations: int):
 def evaluations(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [r for r in map(json.loads, f) if r.get("type") == "eval"]
+
+
+def listed_runs(base: str, experiment: str) -> list[tuple[dict, str]]:
+  """(CSV row, workdir) of each run an experiment lists: its `<experiment>_runs.csv`
+  (convergence, whose main CSV is the curve) or `<experiment>.csv`; none if neither."""
+  for name in (f"{experiment}_runs", experiment):
+    path = os.path.join(base, experiment, f"{name}.csv")
+    if os.path.exists(path):
+      return [(row, os.path.normpath(os.path.join(base, experiment, row["workdir"])))
+              for row in read_csv(path)]
+  return []
 
 
 def config_digest(config) -> str:

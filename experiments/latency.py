@@ -5,9 +5,9 @@
 
 Reads the evaluation histories of the scalability and convergence runs already made
 (the runs their CSVs list, and those runs' `metrics.jsonl`, with lfmjax's simulated
-latency at each evaluation; SPEC.md's communication and latency model) and reports, for every run, the first evaluation at
-or above `--target` % mean accuracy: its iteration and simulated seconds, or "not
-reached". Writes `results/latency_<setting>_<target>/latency_<setting>_<target>.csv`
+latency at each evaluation; SPEC.md's communication and latency model) and reports,
+for every run, the first evaluation at or above `--target` % mean accuracy: its
+iteration and simulated seconds, or "not reached". Writes `results/latency_<setting>_<target>/latency_<setting>_<target>.csv`
 and `.png`, so several targets' tables sit side by side.
 Runs nothing itself, so it takes seconds.
 """
@@ -31,15 +31,10 @@ def main(argv=None):
   args = p.parse_args(argv)
   suffix = "_quick" if args.quick else ""
   base = args.out or common.RESULTS
-  tables = [(f"scalability_{args.setting}{suffix}", f"scalability_{args.setting}{suffix}"),
-            (f"convergence_{args.setting}{suffix}", f"convergence_{args.setting}{suffix}_runs")]
   rows = {}
-  for experiment, table_name in tables:
-    path = os.path.join(base, experiment, f"{table_name}.csv")
-    if not os.path.exists(path):
-      continue
-    for run in common.read_csv(path):
-      workdir = os.path.normpath(os.path.join(base, experiment, run["workdir"]))
+  for experiment in (f"scalability_{args.setting}{suffix}",
+                     f"convergence_{args.setting}{suffix}"):
+    for run, workdir in common.listed_runs(base, experiment):
       algorithm, clients = run["algorithm"], run["clients"]
       iteration, latency = time_to_target(workdir, args.target)
       key = (algorithm, int(clients))

@@ -25,7 +25,7 @@ def read(name: str, base: str = common.RESULTS) -> list[dict]:
 def pivot(rows, row_key, col_key, cell, most: int | None = None) -> str:
   cols = sorted({r[col_key] for r in rows}, key=float)
   if most and len(cols) > most:
-    cols = cols[:5] + cols[9::5] + ([] if (len(cols) - 10) % 5 == 0 else cols[-1:])
+    cols = cols[:5] + cols[9::5] + ([] if cols[-1] in cols[9::5] else cols[-1:])
   names = list(dict.fromkeys(r[row_key] for r in rows))
   lines = [f"| {row_key} | " + " | ".join(f"{col_key} {c}" for c in cols) + " |",
            "|---|" + "---|" * len(cols)]
@@ -42,9 +42,7 @@ def accuracy(r) -> str:
 
 def curves(name: str, base: str) -> list[tuple[dict, list[dict]]]:
   """Each run of an experiment with its evaluations."""
-  runs = os.path.join(base, name, f"{name}_runs.csv")  # convergence's
-  return [(r, common.evaluations(os.path.join(base, name, r["workdir"])))
-          for r in (common.read_csv(runs) if os.path.exists(runs) else read(name, base))]
+  return [(r, common.evaluations(workdir)) for r, workdir in common.listed_runs(base, name)]
 
 
 def plateau(name: str, base: str) -> str:
