@@ -1,10 +1,11 @@
 """Scale-out check: a LocFedMix-SL run with many clients spread over several devices.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-      python experiments/scale_out.py --clients 1000 --batch 8 --iters 3
+      python experiments/scale_out.py --clients 1000 --batch 8 --iters 3 [--path psl_sgd]
 
 Runs `--iters` iterations of the sharded round (lfmjax.mesh: clients split over a
-'clients' mesh axis, server replicated) on bench_cnn with random 32x32x3 data, and
+'clients' mesh axis, server replicated) of one of `lfmjax.bench`'s paths (default
+LocFedMix-SL with Adam) on its model with random 32x32x3 data, and
 prints, per device, the bytes of the state and client data it holds (its shards) and the
 compiled per-device program's argument/output/temporary bytes, the process's peak
 resident memory, the compile time and the time per iteration. On fake
@@ -21,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from lfmjax.bench import INPUT_SHAPE, NUM_CLASSES, round_config
+from lfmjax.bench import INPUT_SHAPE, NUM_CLASSES, PATHS, round_config
 from lfmjax.mesh import (jit_sharded, make_mesh, make_placement, pad_data, pad_state,
                          padded_num_clients, padded_round, put_global)
 from lfmjax.models import get_model
@@ -42,9 +43,10 @@ def main():
   p.add_argument("--clients", type=int, default=1000)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--iters", type=int, default=3)
+  p.add_argument("--path", choices=list(PATHS), default="locfedmix_adam")
   a = p.parse_args()
-  cfg = round_config(a.clients, a.batch, "locfedmix")
-  model = get_model("bench_cnn", num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE)
+  cfg = round_config(PATHS[a.path], a.clients, a.batch)
+  model = get_model(PATHS[a.path].model, num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE)
   per = 2 * a.batch
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (a.clients * per,) + INPUT_SHAPE, dtype=np.uint8)

@@ -1,25 +1,28 @@
-"""Throughput of one LocFedMix-SL iteration against the PyTorch loop, at 1 to 1000 clients.
+"""Throughput of lfmjax's round against a PyTorch per-client loop, on the paths users run.
 
-    python -m lfmjax.bench                          # the four points, both sides, twice
-    python -m lfmjax.bench --clients 100 --batch 8 --json   # one lfmjax point, one line
+    python -m lfmjax.bench                                  # every path, both sides, twice
+    python -m lfmjax.bench --paths psl_sgd --repeats 1      # one path
+    python -m lfmjax.bench --path locfedmix_adam --clients 100 --batch 8 --json  # one point
 
-The whole-table mode runs every (clients, batch) point in a fresh process, lfmjax and
-the PyTorch reference (`lfmjax/torch_reference.py`, the project's peer; skipped when
-torch is not installed) interleaved A B A B, `--repeats` times, and reports medians:
-samples/s of each, their ratio, lfmjax's compile time and each side's peak resident
-memory. It writes `bench.json` and `bench.md` to `--out` and checks the targets of
-issue 4 (>= 1x torch everywhere, >= 2x at 100 and 1000 clients, compile time at 1000
-clients <= 2x that at 1, samples/s at 1000 >= 0.8x that at 10, peak memory < 8 GiB).
+Paths (`PATHS`): LocFedMix-SL with Adam (every shipped config's optimiser; per-client
+segments), PSL with SGD (no FedAvg: per-client), LocFedMix-SL with SGD and FedAvg after
+every iteration (the averaged-clients shortcut), resnet16 PSL with Adam at batch 8 (SGLR's
+split), and 4 seeds vmapped in one program against 1 (lfmjax alone). Every point runs in
+a fresh process, lfmjax and the PyTorch peer (`benchmarks/torch_peer.py`, the project's
+own, outside the installed package; skipped when torch or the file is absent) interleaved
+A B A B, `--repeats` times. The table gives medians of samples/s (client samples per
+second), the ratio, the per-pair ratios, lfmjax's compile time and each side's peak
+resident memory; it goes to `bench.md` and `bench.json` in `--out`, followed by the
+targets of issue 14, met or not.
 
-Both sides run the same work (SPEC.md; Oh et al., LocFedMix-SL, WWW 2022): bench_cnn on
-32x32x3, SGD 0.01 on both sides, mu = 1, one SmashMix batch per client with
-lambda ~ Beta(2, 2), FedAvg of lowers and decoders every iteration. lfmjax's iteration
-is its public jitted `round_step`, dispatched once per iteration, including sampling
-the batches on the device. Samples/s counts client samples: clients x batch / iteration.
+Both sides do the same work (SPEC.md; Oh et al., LocFedMix-SL, WWW 2022) on 32x32x3
+inputs: lfmjax's public jitted `round_step`, dispatched once per iteration, batches
+sampled on the device; the peer's loop over clients with one optimiser per client.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -31,24 +34,51 @@ import threading
 import time
 from pathlib import Path
 
-POINTS = ((1, 256), (10, 32), (100, 8), (1000, 8))
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
-TORCH_REFERENCE = Path(__file__).with_name("torch_reference.py")
+TORCH_PEER = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_peer.py"
+BENCH_POINTS = ((1, 256), (10, 32), (100, 8), (1000, 8))
 
 
-def round_config(clients: int, batch: int, algo: str):
-  """The torch reference's iteration as a RoundConfig (`algo`: locfedmix | psl), built
-  the way a run's config is: base_config's defaults (mu = 1, one SmashMix batch,
-  Beta(2, 2), FedAvg every iteration) with SGD 0.01 on both sides."""
+@dataclasses.dataclass(frozen=True)
+class BenchPath:
+  """One benchmarked path: the algorithm, optimiser and model on both sides."""
+  algo: str
+  optimizer: str
+  lr: float
+  model: str
+  points: tuple[tuple[int, int], ...]
+  seeds: tuple[int, ...] = ()   # lfmjax alone: these seed counts at each point
+  about: str = ""
+
+
+PATHS = {
+    "locfedmix_adam": BenchPath("locfedmix", "adam", 1e-3, "bench_cnn", BENCH_POINTS,
+                            about="LocFedMix-SL, Adam 1e-3: per-client segments"),
+    "psl_sgd": BenchPath("psl", "sgd", 0.01, "bench_cnn", BENCH_POINTS,
+                     about="PSL, SGD 0.01: per-client segments, no FedAvg"),
+    "shortcut_sgd": BenchPath("locfedmix", "sgd", 0.01, "bench_cnn", BENCH_POINTS,
+                          about="LocFedMix-SL, SGD 0.01, FedAvg every iteration: the "
+                                "averaged-clients shortcut"),
+    "resnet16_psl_adam": BenchPath("psl", "adam", 1e-3, "resnet16", ((1, 8), (10, 8), (20, 8)),
+                               about="resnet16 PSL, Adam 1e-3, batch 8 (SGLR's split)"),
+    "seeds": BenchPath("locfedmix", "adam", 1e-3, "bench_cnn", ((10, 32),), seeds=(1, 4),
+                   about="LocFedMix-SL, Adam: S seeds vmapped in one program"),
+}
+
+
+def round_config(path: BenchPath, clients: int, batch: int):
+  """The path's RoundConfig, built the way a run's is: base_config's defaults (mu = 1,
+  one SmashMix batch, Beta(2, 2), FedAvg every iteration) with the path's algorithm and
+  optimiser on both sides."""
   from lfmjax.algorithms import round_config_from
   from lfmjax.config import base_config
   config = base_config()
-  config.algorithm = algo
+  config.algorithm = path.algo
   config.num_clients = clients
   config.batch_size = batch
-  config.client_optimizer = "sgd"
-  config.client_lr = 0.01
+  config.client_optimizer = path.optimizer
+  config.client_lr = path.lr
   return round_config_from(config, NUM_CLASSES)
 
 
@@ -56,8 +86,7 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def run_point(clients: int, batch: int, iters: int, algo: str = "locfedmix",
-              samples_per_client: int | None = None) -> dict:
+def run_point(path: BenchPath, clients: int, batch: int, iters: int, seeds: int = 1) -> dict:
   """One lfmjax point in this process: compile time, then `iters` timed iterations."""
   import jax
   import jax.numpy as jnp
@@ -66,30 +95,37 @@ def run_point(clients: int, batch: int, iters: int, algo: str = "locfedmix",
   from lfmjax.round import make_round_step
   from lfmjax.state import init_state, make_data
 
-  cfg = round_config(clients, batch, algo)
-  model = get_model("bench_cnn", num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE)
-  per_client = samples_per_client or 2 * batch
+  cfg = round_config(path, clients, batch)
+  model = get_model(path.model, num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE)
+  per_client = 2 * batch
   rng = np.random.default_rng(0)  # values do not affect the speed
   x = rng.integers(0, 256, (clients * per_client,) + INPUT_SHAPE, dtype=np.uint8)
   y = rng.integers(0, NUM_CLASSES, clients * per_client)
   data = make_data(x, y, np.arange(clients * per_client).reshape(clients, per_client),
                    np.full(clients, per_client))
-  state = init_state(cfg, model, jax.random.key(0), jnp.zeros((1,) + INPUT_SHAPE))
-  step = make_round_step(cfg, model)
+  x_example = jnp.zeros((1,) + INPUT_SHAPE)
+  if seeds == 1:
+    state = init_state(cfg, model, jax.random.key(0), x_example)
+    step = make_round_step(cfg, model)
+  else:  # seeds vmapped in one program, as `num_seeds` runs them
+    states = [init_state(cfg, model, jax.random.key(s), x_example) for s in range(seeds)]
+    state = jax.tree.map(lambda *a: jnp.stack(a), *states)
+    step = jax.jit(jax.vmap(make_round_step(cfg, model, jit=False), in_axes=(0, None)),
+                   donate_argnums=0)
   t0 = time.perf_counter()
   compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - t0
-  state, metrics = compiled(state, data)  # warm-up, as the torch reference's
+  state, metrics = compiled(state, data)  # warm-up, as the torch peer's
   jax.block_until_ready((state, metrics))
   t0 = time.perf_counter()
   for _ in range(iters):
     state, metrics = compiled(state, data)
   jax.block_until_ready((state, metrics))
   dt = (time.perf_counter() - t0) / iters
-  return {"clients": clients, "batch": batch, "algo": algo, "iter_ms": round(dt * 1e3, 2),
-          "samples_per_s": round(clients * batch / dt, 1), "compile_s": round(compile_s, 2),
-          "peak_rss_mib": round(peak_rss_mib(), 1), "iters": iters,
-          "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  return {"clients": clients, "batch": batch, "seeds": seeds, "iter_ms": round(dt * 1e3, 2),
+          "samples_per_s": round(seeds * clients * batch / dt, 1),
+          "compile_s": round(compile_s, 2), "peak_rss_mib": round(peak_rss_mib(), 1),
+          "iters": iters, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 
 def torch_available() -> bool:
@@ -125,85 +161,115 @@ def _child(cmd: list[str], timeout: float) -> dict:
   return result
 
 
-def measure_table(points, repeats: int, iters: int, algo: str, torch_script: Path | None,
-                  timeout: float, log=print) -> list[dict]:
-  """Every point, lfmjax and torch interleaved, `repeats` times; medians per point."""
-  raw = {p: {"jax": [], "torch": []} for p in points}
+def commands(name: str, path: BenchPath, clients: int, batch: int, iters: int,
+             torch_script: Path | None) -> list[tuple[str, list[str]]]:
+  """The (side, command) pairs of one point, in the order they run."""
+  sides = []
+  for seeds in path.seeds or (1,):
+    side = f"jax x{seeds}" if path.seeds else "jax"
+    sides.append((side, [sys.executable, "-m", "lfmjax.bench", "--path", name, "--clients",
+                         str(clients), "--batch", str(batch), "--iters", str(iters),
+                         "--seeds", str(seeds), "--json"]))
+  if torch_script is not None and not path.seeds:
+    sides.append(("torch", [sys.executable, str(torch_script), "--clients", str(clients),
+                            "--batch", str(batch), "--iters", str(iters), "--algo",
+                            path.algo, "--model", path.model, "--optimizer", path.optimizer,
+                            "--lr", str(path.lr)]))
+  return sides
+
+
+def measure(names: list[str], repeats: int, iters: int, torch_script: Path | None,
+            timeout: float, log=print) -> list[dict]:
+  """Every point of every path, the sides interleaved, `repeats` times; medians."""
+  raw: dict = {}
   for rep in range(repeats):
-    for clients, batch in points:
-      sides = [("jax", [sys.executable, "-m", "lfmjax.bench", "--clients", str(clients),
-                        "--batch", str(batch), "--iters", str(iters), "--algo", algo,
-                        "--json"])]
-      if torch_script is not None:
-        sides.append(("torch", [sys.executable, str(torch_script), "--clients",
-                                str(clients), "--batch", str(batch), "--iters", str(iters),
-                                "--algo", algo]))
-      for side, cmd in sides:
-        result = _child(cmd, timeout)
-        raw[(clients, batch)][side].append(result)
-        log(f"[{rep + 1}/{repeats}] {side:5s} {clients:5d} x {batch:3d}: "
-            f"{result['samples_per_s']:9.1f} samples/s  ({result['iter_ms']:.0f} ms/iter, "
-            f"peak {result['peak_rss_mib']:.0f} MiB)")
-  rows = []
-  for (clients, batch), runs in raw.items():
-    med = lambda side, key: (statistics.median(r[key] for r in runs[side])
-                             if runs[side] else None)
-    row = {"clients": clients, "batch": batch, "algo": algo,
-           "jax_samples_per_s": med("jax", "samples_per_s"),
-           "torch_samples_per_s": med("torch", "samples_per_s"),
-           "jax_compile_s": med("jax", "compile_s"),
-           "jax_peak_rss_mib": med("jax", "peak_rss_mib"),
-           "torch_peak_rss_mib": med("torch", "peak_rss_mib"),
-           "jax_runs": [r["samples_per_s"] for r in runs["jax"]],
-           "torch_runs": [r["samples_per_s"] for r in runs["torch"]]}
-    row["ratio"] = (round(row["jax_samples_per_s"] / row["torch_samples_per_s"], 2)
-                    if row["torch_samples_per_s"] else None)
-    # Ratio per interleaved pair, to show the spread the median hides.
-    row["pair_ratios"] = [round(j["samples_per_s"] / t["samples_per_s"], 2)
-                          for j, t in zip(runs["jax"], runs["torch"])]
-    rows.append(row)
-  return rows
+    for name in names:
+      path = PATHS[name]
+      for clients, batch in path.points:
+        for side, cmd in commands(name, path, clients, batch, iters, torch_script):
+          result = _child(cmd, timeout)
+          raw.setdefault((name, clients, batch), {}).setdefault(side, []).append(result)
+          log(f"[{rep + 1}/{repeats}] {name:18s} {side:7s} {clients:5d} x {batch:3d}: "
+              f"{result['samples_per_s']:9.1f} samples/s ({result['iter_ms']:.0f} ms/iter, "
+              f"peak {result['peak_rss_mib']:.0f} MiB)")
+  return [summarise(name, clients, batch, runs)
+          for (name, clients, batch), runs in raw.items()]
+
+
+def summarise(name: str, clients: int, batch: int, runs: dict) -> dict:
+  """One table row: medians of each side, and the ratio of lfmjax to the reference (the
+  torch peer; for the seeds path, one seed: S seeds' samples/s, every seed's samples
+  counted, against one seed's, so 1.0 means as fast as running them one by one)."""
+  med = lambda side, key: (statistics.median(r[key] for r in runs[side])
+                           if side in runs else None)
+  path = PATHS[name]
+  jax_side = f"jax x{max(path.seeds)}" if path.seeds else "jax"
+  ref_side = f"jax x{min(path.seeds)}" if path.seeds else "torch"
+  row = {"path": name, "clients": clients, "batch": batch,
+         "jax_samples_per_s": med(jax_side, "samples_per_s"),
+         "ref_samples_per_s": med(ref_side, "samples_per_s"), "reference": ref_side,
+         "jax_compile_s": med(jax_side, "compile_s"),
+         "jax_peak_rss_mib": med(jax_side, "peak_rss_mib"),
+         "ref_peak_rss_mib": med(ref_side, "peak_rss_mib"),
+         "runs": {side: [r["samples_per_s"] for r in rs] for side, rs in runs.items()}}
+  pairs = zip(runs.get(jax_side, []), runs.get(ref_side, []))
+  row["pair_ratios"] = [round(j["samples_per_s"] / r["samples_per_s"], 2)
+                        for j, r in pairs]
+  row["ratio"] = (round(row["jax_samples_per_s"] / row["ref_samples_per_s"], 2)
+                  if row["ref_samples_per_s"] else None)
+  return row
 
 
 def check_targets(rows: list[dict]) -> list[tuple[str, bool | None]]:
-  """Issue 4's targets, each (description, met? or None where not measured)."""
-  by_clients = {r["clients"]: r for r in rows}
+  """Issue 14's targets, each (description, met? or None where not measured)."""
+  by = {(r["path"], r["clients"]): r for r in rows}
   checks = []
+  need = {"locfedmix_adam": 1.0, "psl_sgd": 1.0, "resnet16_psl_adam": 1.0,
+          "shortcut_sgd": 1.4}
   for r in rows:
-    need = 2.0 if r["clients"] >= 100 else 1.0
-    checks.append((f"{r['clients']} x {r['batch']}: lfmjax >= {need:g}x torch",
-                   None if r["ratio"] is None else r["ratio"] >= need))
-  if 1 in by_clients and 1000 in by_clients:
-    c1, c1000 = by_clients[1]["jax_compile_s"], by_clients[1000]["jax_compile_s"]
-    checks.append((f"compile at 1000 clients ({c1000:.1f} s) <= 2x compile at 1 "
+    if r["path"] in need:
+      checks.append((f"{r['path']} {r['clients']} x {r['batch']}: lfmjax >= "
+                     f"{need[r['path']]:g}x torch",
+                     None if r["ratio"] is None else r["ratio"] >= need[r["path"]]))
+    elif r["path"] == "seeds" and r["ratio"] is not None:
+      checks.append((f"4 seeds in one program at {r['clients']} x {r['batch']}: samples/s "
+                     f"of all seeds >= 0.9x one seed's ({r['ratio']:.2f}x)", r["ratio"] >= 0.9))
+  big, ten, one = (by.get(("locfedmix_adam", c)) for c in (1000, 10, 1))
+  if big and ten:
+    s1000, s10 = big["jax_samples_per_s"], ten["jax_samples_per_s"]
+    checks.append((f"locfedmix_adam: samples/s at 1000 clients ({s1000:.0f}) >= 0.8x at 10 "
+                   f"({s10:.0f})", s1000 >= 0.8 * s10))
+  if big:
+    mem = big["jax_peak_rss_mib"]
+    checks.append((f"locfedmix_adam: peak memory at 1000 x 8 ({mem / 1024:.2f} GiB) < 4 GiB",
+                   mem < 4 * 1024))
+  if big and one:
+    c1, c1000 = one["jax_compile_s"], big["jax_compile_s"]
+    checks.append((f"locfedmix_adam: compile at 1000 clients ({c1000:.1f} s) <= 2x at 1 "
                    f"({c1:.1f} s)", c1000 <= 2 * c1))
-  if 10 in by_clients and 1000 in by_clients:
-    s10, s1000 = by_clients[10]["jax_samples_per_s"], by_clients[1000]["jax_samples_per_s"]
-    checks.append((f"samples/s at 1000 clients ({s1000:.0f}) >= 0.8x at 10 ({s10:.0f})",
-                   s1000 >= 0.8 * s10))
-  if 1000 in by_clients:
-    mem = by_clients[1000]["jax_peak_rss_mib"]
-    checks.append((f"peak memory at 1000 clients ({mem / 1024:.2f} GiB) < 8 GiB",
-                   mem < 8 * 1024))
   return checks
 
 
 def markdown(rows: list[dict], checks, meta: dict) -> str:
   fmt = lambda v, spec: "-" if v is None else format(v, spec)
-  lines = [f"lfmjax {meta['algo']} round vs the PyTorch loop: medians of {meta['repeats']} "
+  lines = [f"lfmjax against the PyTorch per-client loop: medians of {meta['repeats']} "
            f"interleaved runs of {meta['iters']} iterations each ({meta['when']}, "
-           f"{meta['cpus']} CPUs, jax {meta['jax']}, torch {meta['torch'] or 'not installed'}).",
+           f"{meta['cpus']} CPUs, jax {meta['jax']}, torch {meta['torch'] or 'not installed'})."
+           " The seeds row compares 4 seeds in one program (every seed's samples counted) with 1.",
            "",
-           "| clients x batch | lfmjax samples/s | torch samples/s | ratio | pair ratios "
-           "| lfmjax compile s | lfmjax peak MiB | torch peak MiB |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| path | clients x batch | lfmjax samples/s | reference samples/s | ratio | "
+           "pair ratios | lfmjax compile s | lfmjax peak MiB | reference peak MiB |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(
-        f"| {r['clients']} x {r['batch']} | {fmt(r['jax_samples_per_s'], ',.1f')} | "
-        f"{fmt(r['torch_samples_per_s'], ',.1f')} | {fmt(r['ratio'], '.2f')} | "
+        f"| {r['path']} | {r['clients']} x {r['batch']} | "
+        f"{fmt(r['jax_samples_per_s'], ',.1f')} | {fmt(r['ref_samples_per_s'], ',.1f')} "
+        f"({r['reference']}) | {fmt(r['ratio'], '.2f')} | "
         f"{', '.join(f'{x:.2f}' for x in r['pair_ratios']) or '-'} | "
         f"{fmt(r['jax_compile_s'], '.2f')} | {fmt(r['jax_peak_rss_mib'], ',.0f')} | "
-        f"{fmt(r['torch_peak_rss_mib'], ',.0f')} |")
+        f"{fmt(r['ref_peak_rss_mib'], ',.0f')} |")
+  lines += ["", "Paths:"] + [f"- `{n}`: {p.about}" for n, p in PATHS.items()
+                             if any(r["path"] == n for r in rows)]
   lines += ["", "Targets:"]
   for text, met in checks:
     mark = "not measured" if met is None else ("met" if met else "NOT met")
@@ -211,49 +277,54 @@ def markdown(rows: list[dict], checks, meta: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def parse_points(text: str):
-  try:
-    return tuple(tuple(int(v) for v in p.split("x")) for p in text.split(","))
-  except ValueError:
-    raise SystemExit(f"error: --points {text!r} must look like 1x256,10x32")
+def parse_names(text: str) -> list[str]:
+  names = [n.strip() for n in text.split(",") if n.strip()]
+  unknown = sorted(set(names) - set(PATHS))
+  if unknown or not names:
+    raise SystemExit(f"error: --paths {text!r}: unknown {', '.join(unknown) or 'empty'}; "
+                     f"use a comma-separated subset of {', '.join(PATHS)}")
+  return names
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--path", choices=list(PATHS), help="one point: the path")
   p.add_argument("--clients", type=int, help="one point: number of clients")
   p.add_argument("--batch", type=int, help="one point: batch per client")
+  p.add_argument("--seeds", type=int, default=1, help="one point: seeds in one program")
   p.add_argument("--json", action="store_true", help="one point: print one JSON line")
   p.add_argument("--iters", type=int, default=5, help="timed iterations per run")
-  p.add_argument("--algo", choices=["locfedmix", "psl"], default="locfedmix")
-  p.add_argument("--points", default=",".join(f"{c}x{b}" for c, b in POINTS),
-                 help="table mode: comma-separated CLIENTSxBATCH")
+  p.add_argument("--paths", default=",".join(PATHS), help="table mode: paths to measure")
   p.add_argument("--repeats", type=int, default=2, help="table mode: interleaved repeats")
-  p.add_argument("--torch_script", default=str(TORCH_REFERENCE),
-                 help="the PyTorch reference to run ('' to skip torch)")
+  p.add_argument("--torch_script", default=str(TORCH_PEER),
+                 help="the PyTorch peer to run ('' to skip torch)")
   p.add_argument("--out", default="runs/bench", help="table mode: bench.json, bench.md")
   p.add_argument("--timeout", type=float, default=1800, help="seconds per child run")
   a = p.parse_args(argv)
-  if a.iters < 1 or a.repeats < 1:
-    raise SystemExit("error: --iters and --repeats must be at least 1")
+  if a.iters < 1 or a.repeats < 1 or a.seeds < 1:
+    raise SystemExit("error: --iters, --repeats and --seeds must be at least 1")
   if (a.clients is None) != (a.batch is None):
     raise SystemExit("error: give both --clients and --batch for one point")
   if a.clients is not None:
     if a.clients < 1 or a.batch < 1:
       raise SystemExit("error: --clients and --batch must be at least 1")
-    result = run_point(a.clients, a.batch, a.iters, a.algo)
+    result = run_point(PATHS[a.path or "locfedmix_adam"], a.clients, a.batch, a.iters,
+                       a.seeds)
     print(json.dumps(result) if a.json else
           f"{a.clients} x {a.batch}: {result['samples_per_s']:.1f} samples/s, "
           f"{result['iter_ms']:.1f} ms/iter, compile {result['compile_s']:.2f} s, "
           f"peak {result['peak_rss_mib']:.0f} MiB")
     return 0
 
+  names = parse_names(a.paths)
   torch_script = Path(a.torch_script) if a.torch_script else None
   torch_version = None
   if torch_script is not None:
     if not torch_script.is_file():
-      raise SystemExit(f"error: --torch_script {torch_script} does not exist")
-    if not torch_available():
+      print(f"no torch peer at {torch_script}: measuring lfmjax alone")
+      torch_script = None
+    elif not torch_available():
       print("torch is not installed: measuring lfmjax alone "
             "(pip install torch==2.13.0 for the comparison)")
       torch_script = None
@@ -261,11 +332,10 @@ def main(argv=None) -> int:
       import importlib.metadata
       torch_version = importlib.metadata.version("torch")
   import jax
-  meta = {"algo": a.algo, "repeats": a.repeats, "iters": a.iters,
+  meta = {"repeats": a.repeats, "iters": a.iters,
           "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
           "cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch_version}
-  rows = measure_table(parse_points(a.points), a.repeats, a.iters, a.algo, torch_script,
-                       a.timeout)
+  rows = measure(names, a.repeats, a.iters, torch_script, a.timeout)
   checks = check_targets(rows)
   out = Path(a.out)
   out.mkdir(parents=True, exist_ok=True)

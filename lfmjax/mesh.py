@@ -34,7 +34,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lfmjax.algorithms import RoundConfig
-from lfmjax.models.patch_conv import partitioned
 from lfmjax.state import RoundData, RoundState
 
 CLIENTS = "clients"
@@ -141,10 +140,6 @@ def padded_round(cfg: RoundConfig, round_step, mesh: Mesh | None = None):
     return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(CLIENTS)))
 
   def step(state: RoundState, data: RoundData):
-    with partitioned(mesh is not None and mesh.size > 1):
-      return padded_step(state, data)
-
-  def padded_step(state: RoundState, data: RoundData):
     if data.weights_C.shape[0] == c:
       return round_step(state, data)
     real = _map_client_leaves(cfg, keep_split, real_clients(cfg, state))

@@ -20,8 +20,8 @@ Where FedAvg follows every iteration and the client optimiser is plain SGD, ever
 client holds the same segments at the start of each iteration and FedAvg of their
 steps is one step on the delta-weighted gradient, so steps 2, 3, 6 and 7 run as one
 shared model over all clients' data (`make_shared_client_phase`; `cfg.clients_shared`).
-Code tracing unbatched weights runs under `shared_weights()`, which lets the
-convolutions use XLA's own forward (`models.patch_conv`).
+The convolutions choose their kernels from what is batched (`models.patch_conv`), so
+none of this code sets a flag for them.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from lfmjax import components
 from lfmjax.algorithms import RoundConfig
 from lfmjax.data import batch_indices
 from lfmjax.models import SplitModel, apply_module, has_stem
-from lfmjax.models.patch_conv import is_partitioned, shared_weights
+from lfmjax.models.patch_conv import kernel_backend
 from lfmjax.state import (ClientState, RoundData, RoundState, ServerState,
                           client_optimizer, server_optimizer, stack_clients)
 
@@ -57,6 +57,20 @@ def sample_batch(cfg: RoundConfig, state: RoundState, data: RoundData):
                           data.idx_CxM, data.sizes_C, cfg.batch_size)
   x_model, x01 = cfg.preprocess(data.train_x[idx_CxB])
   return x_model, x01, data.train_y[idx_CxB]
+
+
+def map_clients(fn):
+  """fn of one client's arrays, over a leading client axis.
+
+  On the CPU a `lax.map`: each step is one client's whole computation with unbatched
+  weights, so every convolution runs its one-client kernel and the loop over clients is
+  one loop, not one per layer (`models.patch_conv` would otherwise map each layer of a
+  vmapped call, slicing its inputs and stacking its outputs each time). Elsewhere a
+  `vmap`. A caller's own vmap (seeds) over either gets the same kernels.
+  """
+  if kernel_backend() == "cpu":
+    return lambda *args: jax.lax.map(lambda a: fn(*a), args)
+  return jax.vmap(fn)
 
 
 def make_local_losses(cfg: RoundConfig, model: SplitModel):
@@ -102,17 +116,16 @@ def apply_to_clients(module, params, stats, x_CxBx):
   """One segment with one set of weights applied to every client's batch.
 
   Without batch statistics the clients' batches are one batch (every convolution one
-  large one, traced under `shared_weights`); with them (BatchNorm) the segment is
+  large one); with them (BatchNorm) the segment is
   vmapped over clients so each batch is normalised by itself, as on its own client.
   Returns (out_CxBx..., new stats with a leading client axis).
   """
   num_clients, batch = x_CxBx.shape[:2]
   if jax.tree.leaves(stats):
     return jax.vmap(lambda x: _apply(module, params, stats, x, train=True))(x_CxBx)
-  with shared_weights():
-    out, new_stats = _apply(module, params, stats,
-                            x_CxBx.reshape((num_clients * batch,) + x_CxBx.shape[2:]),
-                            train=True)
+  out, new_stats = _apply(module, params, stats,
+                          x_CxBx.reshape((num_clients * batch,) + x_CxBx.shape[2:]),
+                          train=True)
   return out.reshape((num_clients, batch) + out.shape[1:]), new_stats
 
 
@@ -204,9 +217,7 @@ def make_shared_client_phase(cfg: RoundConfig, model: SplitModel):
     params, stats, opt_state = first(clients.params), first(clients.stats), first(
         clients.opt_state)
     num_clients = weights_C.shape[0]
-    # Groups are a loop over the client axis: one group when it is split over devices.
-    group = num_clients if is_partitioned() else client_group_size(num_clients,
-                                                                     cfg.batch_size)
+    group = client_group_size(num_clients, cfg.batch_size)
 
     def update(grads, new_stats_C, losses):
       updates, new_opt = opt_c.update(grads, opt_state, params)
@@ -384,7 +395,7 @@ def make_server_phase(cfg: RoundConfig, model: SplitModel):
                            "train_accuracy": acc}
 
   def per_client(server, s_CxBxS, y_CxB, weights_C, key, step):
-    new_server, (g, loss_C, acc_C) = jax.vmap(step_one)(server, s_CxBxS, y_CxB)
+    new_server, (g, loss_C, acc_C) = map_clients(step_one)(server, s_CxBxS, y_CxB)
     return new_server, g, {"loss_real": jnp.sum(weights_C * loss_C),
                            "loss_mix": jnp.zeros(()), "train_accuracy": jnp.mean(acc_C)}
 
@@ -475,14 +486,56 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel):
     return ServerState(components.fedavg(server.params, weights_C),
                        components.fedavg(server.stats, weights_C), server.opt_state)
 
+  def clients_step(params, stats, opt_state, x_model, x01, y_CxB, g_CxBxS):
+    """Forward, local terms and update of some clients, vmapped: (params, stats,
+    opt_state, loss_local_C, loss_aux_C)."""
+    def one(params, stats, opt_state, x_model, x01, y, g):
+      _, lower_vjp, ds_local, head_grads, new_stats, loss_local, loss_aux = client_forward(
+          params, stats, x_model, x01, y)
+      new_params, new_opt = client_update(params, opt_state, lower_vjp, g, ds_local,
+                                          head_grads)
+      return new_params, new_stats, new_opt, loss_local, loss_aux
+    return map_clients(one)(params, stats, opt_state, x_model, x01, y_CxB, g_CxBxS)
+
   def per_client_forward(clients: ClientState, x_model, x01, y_CxB, weights_C):
-    """Every client with its own segments (vmapped); `finish` as the shared phase's."""
-    s_CxBxS, lower_vjp, ds_local, head_grads, new_stats, loss_local_C, loss_aux_C = (
-        jax.vmap(client_forward)(clients.params, clients.stats, x_model, x01, y_CxB))
+    """Every client with its own segments (vmapped); `finish` as the shared phase's.
+
+    With many samples in all (1000 clients x 8), the lower's residuals of every client
+    would be held from the forward to the download: instead the forward keeps s alone,
+    and `finish` runs a `lax.map` over groups of clients (`client_group_size`) that
+    recomputes each group's forward, then its local terms and update. One more forward
+    of the lower; the program's temporary memory is one group's.
+    """
+    num_clients = weights_C.shape[0]
+    group = client_group_size(num_clients, cfg.batch_size)
+    if group == num_clients:
+      s_CxBxS, lower_vjp, ds_local, head_grads, new_stats, loss_local_C, loss_aux_C = (
+          map_clients(client_forward)(clients.params, clients.stats, x_model, x01, y_CxB))
+
+      def finish(g_CxBxS):
+        new_params, new_opt = map_clients(client_update)(
+            clients.params, clients.opt_state, lower_vjp, g_CxBxS, ds_local, head_grads)
+        return (ClientState(new_params, new_stats, new_opt),
+                jnp.sum(weights_C * loss_local_C), jnp.sum(weights_C * loss_aux_C))
+
+      return s_CxBxS, finish
+
+    to_groups = lambda a: a.reshape((num_clients // group, group) + a.shape[1:])
+    from_groups = lambda a: a.reshape((num_clients,) + a.shape[2:])
+    params_G, stats_G, opt_G, x_G, x01_G, y_G = jax.tree.map(
+        to_groups, (clients.params, clients.stats, clients.opt_state, x_model, x01, y_CxB))
+
+    def lower_forward(params, stats, x):
+      return _apply(model.lower, params["lower"], stats["lower"], x, train=True)[0]
+
+    s_CxBxS = from_groups(jax.lax.map(
+        lambda a: map_clients(lower_forward)(*a), (params_G, stats_G, x_G)))
 
     def finish(g_CxBxS):
-      new_params, new_opt = jax.vmap(client_update)(
-          clients.params, clients.opt_state, lower_vjp, g_CxBxS, ds_local, head_grads)
+      new_params, new_stats, new_opt, loss_local_C, loss_aux_C = jax.tree.map(
+          from_groups, jax.lax.map(lambda a: clients_step(*a),
+                                   (params_G, stats_G, opt_G, x_G, x01_G, y_G,
+                                    to_groups(g_CxBxS))))
       return (ClientState(new_params, new_stats, new_opt), jnp.sum(weights_C * loss_local_C),
               jnp.sum(weights_C * loss_aux_C))
 
@@ -490,14 +543,12 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel):
 
   clients_forward = (make_shared_client_phase(cfg, model) if cfg.clients_shared
                      else per_client_forward)
-  server_weights_shared = cfg.server_mode != "per_client"
 
   def round_step(state: RoundState, data: RoundData):
     x_model, x01, y_CxB = sample_batch(cfg, state, data)
     s_CxBxS, finish = clients_forward(state.clients, x_model, x01, y_CxB, data.weights_C)
-    with shared_weights(server_weights_shared):
-      new_server, g_CxBxS, server_metrics = server_phase(
-          state.server, s_CxBxS, y_CxB, data.weights_C, state.key, state.step)
+    new_server, g_CxBxS, server_metrics = server_phase(
+        state.server, s_CxBxS, y_CxB, data.weights_C, state.key, state.step)
     g_CxBxS = download(cfg, g_CxBxS, state.key, state.step)
 
     new_clients, loss_local, loss_aux = finish(g_CxBxS)
@@ -539,10 +590,9 @@ def make_relay_round(cfg: RoundConfig, model: SplitModel):
       params, stats, opt_state, x, x01_k, y = inputs
       params = {**params, "lower": lower_params}
       stats = {**stats, "lower": lower_stats}
-      with shared_weights():  # one client at a time: no client axis on any weight
-        s, lower_vjp, ds_local, head_grads, new_stats, loss_local, loss_aux = client_forward(
-            params, stats, x, x01_k, y)
-        server, (g, loss_k, acc) = server_step(server, s, y)
+      s, lower_vjp, ds_local, head_grads, new_stats, loss_local, loss_aux = client_forward(
+          params, stats, x, x01_k, y)
+      server, (g, loss_k, acc) = server_step(server, s, y)
       params, opt_state = client_update(params, opt_state, lower_vjp, g, ds_local, head_grads)
       return (params["lower"], new_stats["lower"], server), (
           params, new_stats, opt_state, loss_k, acc, loss_local, loss_aux)

@@ -48,22 +48,22 @@ def test_model_outputs_equal_across_conv_impls(name):
                                 getattr(lax_, seg).apply(v[seg], inp), atol=1e-4, rtol=1e-4)
 
 
-# ------------------------------------------------- the shared-weights fast paths
+# ------------------------------------------------- the CPU kernels and their batching
 from lfmjax.models import patch_conv  # noqa: E402
-from lfmjax.models.patch_conv import (add_bias, conv_weight_grad, lax_conv2d,  # noqa: E402
-                                      max_pool2, shared_conv2d, shared_weights)
+from lfmjax.models.patch_conv import (add_bias, conv_weight_grad, cpu_conv2d,  # noqa: E402
+                                      lax_conv2d, max_pool2)
 
 
 # (samples, side, in, out, kernel, stride, padding): a small contraction (chunked
 # forward), fewer outputs than inputs (patches of dy), a strided conv (XLA's own input
 # gradient), a 1x1 conv, and a prime sample count (padded chunks).
-SHARED_CASES = [(5, 9, 3, 7, 3, 1, 1), (7, 8, 12, 3, 3, 1, 1), (3, 9, 4, 6, 3, 2, 1),
-                (4, 8, 5, 2, 1, 1, 0), (13, 6, 16, 24, 3, 1, 1)]
+CPU_CASES = [(5, 9, 3, 7, 3, 1, 1), (7, 8, 12, 3, 3, 1, 1), (3, 9, 4, 6, 3, 2, 1),
+             (4, 8, 5, 2, 1, 1, 0), (13, 6, 16, 24, 3, 1, 1)]
 
 
-@pytest.mark.parametrize("n,hw,c,f,k,stride,padding", SHARED_CASES)
-def test_shared_conv2d_equals_lax_conv_and_its_gradients(n, hw, c, f, k, stride, padding,
-                                                         monkeypatch):
+@pytest.mark.parametrize("n,hw,c,f,k,stride,padding", CPU_CASES)
+def test_cpu_conv2d_equals_lax_conv_and_its_gradients(n, hw, c, f, k, stride, padding,
+                                                      monkeypatch):
   monkeypatch.setattr(patch_conv, "_WEIGHT_GRAD_CHUNK_BYTES", 4 * hw * hw * k * k * c * 2)
   x = jax.random.normal(jax.random.PRNGKey(0), (n, hw, hw, c))
   w = jax.random.normal(jax.random.PRNGKey(1), (k, k, c, f)) / (k * k * c) ** 0.5
@@ -71,34 +71,108 @@ def test_shared_conv2d_equals_lax_conv_and_its_gradients(n, hw, c, f, k, stride,
   def loss(conv, x, w):
     return jnp.sum(jnp.sin(conv(x, w, stride, padding)))
 
-  chex.assert_trees_all_close(shared_conv2d(x, w, stride, padding),
+  chex.assert_trees_all_close(cpu_conv2d(x, w, stride, padding),
                               lax_conv2d(x, w, stride, padding), atol=1e-5)
-  chex.assert_trees_all_close(jax.grad(loss, (1, 2))(shared_conv2d, x, w),
+  chex.assert_trees_all_close(jax.grad(loss, (1, 2))(cpu_conv2d, x, w),
                               jax.grad(loss, (1, 2))(lax_conv2d, x, w), atol=1e-4, rtol=1e-4)
 
 
-def test_conv_weight_grad_chunks_and_pads(monkeypatch):
-  x = jax.random.normal(jax.random.PRNGKey(2), (11, 6, 6, 4))
-  dy = jax.random.normal(jax.random.PRNGKey(3), (11, 6, 6, 5))
-  w = jnp.zeros((3, 3, 4, 5))
-  (expected,) = jax.linear_transpose(lambda w: lax_conv2d(x, w, 1, 1), w)(dy)
-  for chunk_bytes in (1, 4 * 36 * 36 * 3, 1 << 30):  # 1 sample, 3 (11 padded to 12), all
-    monkeypatch.setattr(patch_conv, "_WEIGHT_GRAD_CHUNK_BYTES", chunk_bytes)
-    chex.assert_trees_all_close(conv_weight_grad(x, dy, 3, 1, 1), expected, atol=1e-4)
+# in_axes of (x, w) under two nested vmaps (seeds over clients): per-client weights,
+# shared weights on per-client data, and per-client weights on shared data.
+BATCHINGS = [(0, 0), (0, None), (None, 0)]
 
 
-def test_auto_conv_is_the_same_function_inside_and_outside_shared_weights():
-  x = jax.random.normal(jax.random.PRNGKey(4), (6, 8, 8, 3))
+@pytest.mark.parametrize("in_axes", BATCHINGS)
+def test_cpu_conv2d_under_nested_vmap_equals_lax_conv(in_axes):
+  """Whatever is batched, and under grad inside or outside the vmaps, the batching
+  rules compute XLA's convolution and its gradients (a strided case: XLA's own input
+  gradient; the unstrided kernels are compared above)."""
+  n, hw, c, f, k, stride, padding = CPU_CASES[2]
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 3, n, hw, hw, c))
+  w = jax.random.normal(jax.random.PRNGKey(3), (2, 3, k, k, c, f)) / (k * k * c) ** 0.5
+  x = x if in_axes[0] == 0 else x[0, 0]
+  w = w if in_axes[1] == 0 else w[0, 0]
+
+  def loss(conv, x, w):
+    return jnp.sum(jnp.sin(conv(x, w, stride, padding)))
+
+  def grad_inside(conv):
+    g = jax.grad(lambda x, w: loss(conv, x, w), (0, 1))
+    return jax.jit(jax.vmap(jax.vmap(g, in_axes), in_axes))(x, w)
+
+  def grad_outside(conv):
+    def total(x, w):
+      y = jax.vmap(jax.vmap(lambda a, b: conv(a, b, stride, padding), in_axes), in_axes)(x, w)
+      return jnp.sum(jnp.sin(y))
+    return jax.jit(jax.grad(total, (0, 1)))(x, w)
+
+  chex.assert_trees_all_close(grad_inside(cpu_conv2d), grad_inside(lax_conv2d),
+                              atol=1e-4, rtol=1e-4)
+  chex.assert_trees_all_close(grad_outside(cpu_conv2d), grad_outside(lax_conv2d),
+                              atol=1e-4, rtol=1e-4)
+
+
+def test_per_client_weights_are_a_map_not_a_grouped_convolution():
+  """vmap over per-client weights lowers to a loop of ungrouped convolutions."""
+  x = jnp.zeros((4, 2, 8, 8, 16))
+  w = jnp.zeros((4, 3, 3, 16, 8))
+  hlo = jax.jit(jax.vmap(lambda a, b: cpu_conv2d(a, b, 1, 1))).lower(x, w).as_text()
+  assert "feature_group_count = 4" not in hlo and "while" in hlo
+  lax_hlo = jax.jit(jax.vmap(lambda a, b: lax_conv2d(a, b, 1, 1))).lower(x, w).as_text()
+  assert "feature_group_count = 4" in lax_hlo
+
+
+@pytest.mark.parametrize("backend", ["cpu", "xla"])
+def test_both_kernel_backends_compute_the_same_model(backend, monkeypatch):
+  """The CPU kernels and XLA's own (GPU/TPU), forced on the CPU, give the same round
+  gradients for per-client weights."""
+  monkeypatch.setattr(patch_conv, "kernel_backend", lambda: backend)
   conv = PatchConv(8, 3, 1, 1, pool=True)
-  params = conv.init(jax.random.PRNGKey(5), x)
+  x = jax.random.normal(jax.random.PRNGKey(4), (3, 6, 8, 8, 3))
+  params = jax.vmap(lambda k: conv.init(k, x[0]))(jax.random.split(jax.random.PRNGKey(5), 3))
 
   def loss(p, x):
-    return jnp.sum(jnp.sin(conv.apply(p, x)))
+    return jnp.sum(jnp.sin(jax.vmap(conv.apply)(p, x)))
 
-  with shared_weights():
-    shared = jax.jit(jax.value_and_grad(loss, (0, 1)))(params, x)
-  plain = jax.jit(jax.value_and_grad(loss, (0, 1)))(params, x)
-  chex.assert_trees_all_close(shared, plain, atol=1e-4, rtol=1e-4)
+  ref = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)))
+
+  def ref_loss(p, x):
+    return jnp.sum(jnp.sin(jax.vmap(lambda p, x: max_pool2(ref.apply(p, x)))(p, x)))
+
+  chex.assert_trees_all_close(jax.jit(jax.value_and_grad(loss, (0, 1)))(params, x),
+                              jax.jit(jax.value_and_grad(ref_loss, (0, 1)))(params, x),
+                              atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("in_axes", BATCHINGS)
+def test_pooled_conv3x3_equals_conv_then_pool_under_nested_vmap(in_axes):
+  from lfmjax.models.patch_conv import pooled_conv3x3
+  x = jax.random.normal(jax.random.PRNGKey(6), (2, 3, 5, 6, 10, 3))
+  w = jax.random.normal(jax.random.PRNGKey(7), (2, 3, 3, 3, 3, 7))
+  x = x if in_axes[0] == 0 else x[0, 0]
+  w = w if in_axes[1] == 0 else w[0, 0]
+
+  def value_and_grads(conv):
+    f = jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(conv(a, b))), (0, 1))
+    return jax.jit(jax.vmap(jax.vmap(f, in_axes), in_axes))(x, w)
+
+  chex.assert_trees_all_close(
+      value_and_grads(pooled_conv3x3),
+      value_and_grads(lambda a, b: max_pool2(lax_conv2d(a, b, 1, 1))), atol=1e-4, rtol=1e-4)
+
+
+def test_pooled_conv3x3_chunks(monkeypatch):
+  from lfmjax.models.patch_conv import pooled_conv3x3
+  monkeypatch.setattr(patch_conv, "_WEIGHT_GRAD_CHUNK_BYTES", 1)  # one sample a chunk
+  x = jax.random.normal(jax.random.PRNGKey(8), (7, 8, 8, 3))
+  w = jax.random.normal(jax.random.PRNGKey(9), (3, 3, 3, 5))
+
+  def value_and_grads(conv):
+    return jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(conv(a, b))), (0, 1))(x, w)
+
+  chex.assert_trees_all_close(
+      value_and_grads(pooled_conv3x3),
+      value_and_grads(lambda a, b: max_pool2(lax_conv2d(a, b, 1, 1))), atol=1e-4, rtol=1e-4)
 
 
 def reference_pool(x):
@@ -144,3 +218,22 @@ def test_bench_upper_stem_then_head_is_the_upper():
   mixed = model.upper.apply(variables, lam * s + (1 - lam) * s2, method="stem")
   chex.assert_trees_all_close(mixed, lam * z + (1 - lam) * model.upper.apply(
       variables, s2, method="stem"), atol=1e-5)
+
+
+@pytest.mark.parametrize("in_axes", BATCHINGS)
+def test_factored_upsample_conv_under_nested_vmap(in_axes):
+  """The tap upsampler folds vmapped axes into samples; values and gradients stay."""
+  from lfmjax.models.layers import bilinear_resize, upsample_conv3x3
+  s = jax.random.normal(jax.random.PRNGKey(10), (2, 3, 4, 7, 7, 6))
+  k = jax.random.normal(jax.random.PRNGKey(11), (2, 3, 3, 3, 6, 4))
+  s = s if in_axes[0] == 0 else s[0, 0]
+  k = k if in_axes[1] == 0 else k[0, 0]
+
+  def value_and_grads(fn):
+    f = jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(fn(a, b))), (0, 1))
+    return jax.jit(jax.vmap(jax.vmap(f, in_axes), in_axes))(s, k)
+
+  chex.assert_trees_all_close(
+      value_and_grads(lambda a, b: upsample_conv3x3(a, b, (28, 28))),
+      value_and_grads(lambda a, b: lax_conv2d(bilinear_resize(a, (28, 28)), b, 1, 1)),
+      atol=1e-3, rtol=1e-3)

@@ -318,12 +318,14 @@ def test_bench_cnn_round_equals_plain_per_client_loop(name):
   assert_bench_round_matches_reference(cfg)
 
 
-@pytest.mark.parametrize("name", ["locfedmix", "locsplitfed"])
-def test_grouped_shared_backward_equals_plain_per_client_loop(name, monkeypatch):
-  """Many clients: the shared phase's backward in groups, each recomputing its forward."""
+@pytest.mark.parametrize("name", ["locfedmix", "psl", "sfl_v1"])
+def test_grouped_backward_equals_plain_per_client_loop(name, monkeypatch):
+  """Many clients: the backward in groups of clients, each recomputing its forward
+  (the shared phase for locfedmix, per-client segments for psl and sfl_v1)."""
   monkeypatch.setattr(lfmjax.round, "GROUP_SAMPLES", B)
   assert lfmjax.round.client_group_size(C, B) == 1
-  cfg = algorithm_cfg(name, local_loss_weight=0.7)
+  overrides = dict(ALGOS.get(name, {}))
+  cfg = algorithm_cfg(overrides.pop("base", name), local_loss_weight=0.7, **overrides)
   assert_bench_round_matches_reference(cfg)
 
 
@@ -420,3 +422,25 @@ def test_downloaded_gradient_is_own_loss_gradient_unscaled():
     own = jax.grad(lambda sk: components.cross_entropy(
         MODEL.upper.apply({"params": state.server.params}, sk), y[k]))(s[k])
     np.testing.assert_allclose(g[k], own, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["psl", "locfedmix"])
+def test_round_vmapped_over_seeds_equals_each_seed_alone(name):
+  """A user's jax.vmap over seeds (per-client weights: psl; the FedAvg shortcut:
+  locfedmix with SGD) gets the same numbers as each seed's own round."""
+  cfg = algorithm_cfg(name, local_loss_weight=0.7)
+  data = make_data()
+  x = jnp.zeros((B, H, H, 1))
+  states = [lfmjax.init_state(cfg, BENCH, jax.random.PRNGKey(s), x) for s in range(3)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+  seeds_step = jax.jit(jax.vmap(lfmjax.make_round_step(cfg, BENCH, jit=False),
+                                in_axes=(0, None)))
+  one_step = lfmjax.make_round_step(cfg, BENCH)
+  for _ in range(2):
+    stacked, metrics = seeds_step(stacked, data)
+  for s, state in enumerate(states):
+    for _ in range(2):
+      state, one_metrics = one_step(state, data)
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[s], stacked), state,
+                                atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(metrics["loss_real"][s], one_metrics["loss_real"], rtol=1e-5)

@@ -11,10 +11,11 @@ are inferred at init, so every model accepts any reasonable input size.
   tiny_cnn   one conv layer; for fast tests
   mlp        dense 128 | dense K; for fast tests
 
-Every conv model takes the override `conv_impl`: 'auto' (default; im2col + matmul
-for per-client weights, XLA's convolution with chunked im2col weight gradients where
-the round marks the weights as shared: `patch_conv.PatchConv`), 'patch' (always
-im2col + matmul) or 'lax' (flax's nn.Conv). Variables are the same for all three.
+Every conv model takes the override `conv_impl`: 'auto' (default; on the CPU the kernels
+of `patch_conv`, chosen by what a vmap batches: per-client weights become a loop of
+one-client XLA convolutions with im2col weight gradients, shared weights one large
+convolution; XLA's own convolutions on GPU and TPU), 'patch' (always im2col + matmul)
+or 'lax' (flax's nn.Conv). Variables are the same for all three.
 """
 from __future__ import annotations
 

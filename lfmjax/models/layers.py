@@ -7,6 +7,7 @@ flax infers them at `init`, so one model definition serves 28x28x1 and 32x32x3 i
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -40,13 +41,11 @@ def torch_bias_init(fan_in: int):
   return init
 
 
-# How convolutions are computed: 'auto' (default: im2col + matmul for per-client weights,
-# XLA's convolution with an im2col weight gradient where the round marks the weights as
-# shared; `patch_conv.PatchConv`), 'patch' (always im2col + matmul) or 'lax' (flax's
-# nn.Conv). Vmapped over per-client weights, 'lax' becomes a grouped convolution whose
-# gradient XLA:CPU computes slowly; measured on one bench_cnn PSL round (10 clients x
-# 32, 28x28x1, 2 CPU cores): 188 ms with 'patch', 519 ms with 'lax'. All three have the
-# same parameters (kernel HWIO, bias): variables are interchangeable.
+# How convolutions are computed: 'auto' (default: `patch_conv.PatchConv`, whose kernels
+# are chosen by what is batched and by the backend), 'patch' (always im2col + matmul) or
+# 'lax' (flax's nn.Conv: vmapped over per-client weights it becomes a grouped
+# convolution, which XLA:CPU computes slowly). All three have the same parameters
+# (kernel HWIO, bias): variables are interchangeable.
 CONV_IMPLS = ("auto", "patch", "lax")
 
 
@@ -169,14 +168,50 @@ def upsample_conv3x3(s_BxhxwxC: jax.Array, kernel_3x3xCxF: jax.Array,
   """
   b, h, w, c = s_BxhxwxC.shape
   f = kernel_3x3xCxF.shape[-1]
-  height, width = out_hw
   taps_BxhxwxAxBxF = jnp.dot(
       s_BxhxwxC, kernel_3x3xCxF.transpose(2, 0, 1, 3).reshape(c, 9 * f)
   ).reshape(b, h, w, 3, 3, f)
-  rows_AxHxh = jnp.asarray(conv3x3_tap_matrices(height, h))
-  cols_AxWxw = jnp.asarray(conv3x3_tap_matrices(width, w))
+  return _tap_upsampler(tuple(out_hw), (h, w, f))(taps_BxhxwxAxBxF)
+
+
+def _upsample_taps(taps_BxhxwxAxBxF: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+  """Each axis upsampled with its three taps summed (`conv3x3_tap_matrices`)."""
+  _, h, w, _, _, _ = taps_BxhxwxAxBxF.shape
+  rows_AxHxh = jnp.asarray(conv3x3_tap_matrices(out_hw[0], h))
+  cols_AxWxw = jnp.asarray(conv3x3_tap_matrices(out_hw[1], w))
   y_BxHxwxBxF = jnp.einsum("aHi,biwacf->bHwcf", rows_AxHxh, taps_BxhxwxAxBxF)
   return jnp.einsum("cWj,bHjcf->bHWf", cols_AxWxw, y_BxHxwxBxF)
+
+
+@functools.lru_cache(maxsize=None)
+def _tap_upsampler(out_hw: tuple[int, int], hwf: tuple[int, int, int]):
+  """`_upsample_taps` as a linear custom VJP whose forward and transpose fold any vmapped
+  axes into the samples: it has no weights, and vmapped einsums over seeds and clients
+  became transposes that cost more than the einsums (155 ms of a 1.6 s iteration at 4
+  seeds x 10 clients x 32)."""
+  h, w, f = hwf
+  forward = _fold_batches(lambda t: _upsample_taps(t, out_hw))
+
+  def transpose(g):
+    taps = jax.ShapeDtypeStruct((g.shape[0], h, w, 3, 3, f), g.dtype)
+    return jax.linear_transpose(lambda t: _upsample_taps(t, out_hw), taps)(g)[0]
+
+  backward = _fold_batches(transpose)
+  upsample = jax.custom_vjp(lambda t: forward(t))
+  upsample.defvjp(lambda t: (forward(t), None), lambda _, g: (backward(g),))
+  return upsample
+
+
+def _fold_batches(fn):
+  """fn (of one array, samples first) whose vmapped axes are folded into the samples."""
+  op = jax.custom_batching.custom_vmap(fn)
+
+  @op.def_vmap
+  def rule(axis_size, in_batched, a):
+    out = op(a.reshape((-1,) + a.shape[2:]))
+    return out.reshape((axis_size, -1) + out.shape[1:]), True
+
+  return op
 
 
 class UpsampleConv(nn.Module):

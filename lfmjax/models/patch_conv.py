@@ -1,29 +1,31 @@
-"""2-D convolutions that are fast on XLA:CPU whether the weights are per client or shared.
+"""2-D convolutions for XLA:CPU that are fast whatever carries a client axis.
 
-Two situations arise in a split-learning round (Oh et al., LocFedMix-SL, WWW 2022):
+A split-learning round (Oh et al., LocFedMix-SL, WWW 2022) applies the same layer in
+several situations, and which one it is shows in the batching, not in the code:
 
-* Per-client weights, vmapped over the client axis (PSL, SGLR, anything without FedAvg
-  every iteration). Vmapping `lax.conv_general_dilated` over a client axis of *weights*
-  lowers to a grouped convolution, which XLA:CPU computes slowly in the forward and
-  very slowly in the weight gradient. `conv2d` below is im2col (the k*k shifted views of
-  the padded input, concatenated on the channel axis) followed by a matmul, so the
-  vmapped convolution becomes a batched matmul in the forward and both gradients.
-* Weights shared by every client (the round's FedAvg shortcut, the server's segment,
-  evaluation). Then XLA's own convolution is the fastest forward and input gradient,
-  but its weight gradient is slow; `shared_conv2d` keeps XLA's forward and input
-  gradient and computes the weight gradient as im2col + matmul in cache-sized chunks
-  (custom VJP, `conv_weight_grad`).
+* one set of weights on one batch (a client inside SL's scan, the server, evaluation);
+* one set of weights on every client's batch (a `vmap` over clients whose weights are
+  not batched: the FedAvg shortcut, a segment shared by every client);
+* weights per client (a `vmap` over clients, or over seeds, of the weights too: PSL,
+  SGLR, Adam, anything without FedAvg after every iteration).
 
-`PatchConv(impl='auto')` picks between them by the context: inside
-`with shared_weights():` (set by the round while it traces code whose weights have no
-client axis) it uses `shared_conv2d`, elsewhere `conv2d`. Both compute the same
-function; only the speed differs. Parameters are named and laid out as
-`flax.linen.Conv`'s (`kernel` HWIO, `bias`), so the implementations are interchangeable.
+Vmapping XLA's convolution over a client axis of *weights* gives a grouped convolution,
+which XLA:CPU computes at a few GFLOP/s. So on the CPU, `conv2d` is a custom VJP whose
+three parts (the forward, the input gradient and the weight gradient) are
+`jax.custom_batching.custom_vmap` functions. Their batching rules pick the kernel from
+what is batched: a batch axis on the data alone is folded into the samples (one large
+convolution); a batch axis on the weights becomes a `lax.map` over it, each step running
+the one-client kernel: XLA's convolution forward, the input gradient as a convolution
+with the flipped kernel, and the weight gradient as im2col + matmul over cache-sized
+chunks. A user's `jax.vmap` over seeds or clients, nested or not, gets the same kernels
+with no flag to set. On other backends (GPU, TPU) `conv2d` is XLA's own convolution and
+its own gradients; `kernel_backend()` tells which.
+
+Parameters are named and laid out as `flax.linen.Conv`'s (`kernel` HWIO, `bias`), so
+every implementation here is interchangeable with flax's.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 from typing import Any, Callable
 
@@ -31,39 +33,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-_SHARED_WEIGHTS = contextvars.ContextVar("lfmjax_shared_weights", default=False)
 
-
-@contextlib.contextmanager
-def _flag(var: contextvars.ContextVar, enabled: bool):
-  token = var.set(enabled)
-  try:
-    yield
-  finally:
-    var.reset(token)
-
-
-def shared_weights(enabled: bool = True):
-  """Within this block (at trace time), 'auto' convolutions assume unbatched weights."""
-  return _flag(_SHARED_WEIGHTS, enabled)
-
-
-def weights_are_shared() -> bool:
-  return _SHARED_WEIGHTS.get()
-
-
-_PARTITIONED = contextvars.ContextVar("lfmjax_partitioned", default=False)
-
-
-def partitioned(enabled: bool = True):
-  """Within this block (at trace time) the sample axis may be split over devices: the
-  cache-sized chunk loops below become one chunk, since a loop over a split axis would
-  make the compiler gather it onto every device."""
-  return _flag(_PARTITIONED, enabled)
-
-
-def is_partitioned() -> bool:
-  return _PARTITIONED.get()
+def kernel_backend() -> str:
+  """'cpu' where the kernels of this module pay (XLA:CPU), 'xla' elsewhere: GPUs and
+  TPUs run XLA's own convolutions, whose constants were not tuned on this machine."""
+  return "cpu" if jax.default_backend() == "cpu" else "xla"
 
 
 def im2col(x_BxHxWxC: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
@@ -98,10 +72,7 @@ _WEIGHT_GRAD_CHUNK_BYTES = 1 << 20
 
 
 def _chunk_size(n: int, target: int) -> int:
-  """A chunk of about `target` samples, preferably dividing n (padding copies); all n
-  when `partitioned()`."""
-  if is_partitioned():
-    return n
+  """A chunk of about `target` samples, preferably dividing n (padding copies)."""
   target = max(1, min(n, target))
   divisor = max(d for d in range(1, target + 1) if n % d == 0)
   return divisor if 2 * divisor >= target else target
@@ -171,15 +142,9 @@ def conv_weight_grad(x_BxHxWxC: jax.Array, dy_BxHxWxF: jax.Array, kernel: int,
   return acc.reshape(kernel, kernel, c, f)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def shared_conv2d(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, stride: int = 1,
-                  padding: int = 0) -> jax.Array:
-  """XLA's convolution (`chunked_conv2d` for few input channels) with the weight
-  gradient of `conv_weight_grad`: for unbatched weights."""
-  return _shared_forward(x_BxHxWxC, kernel_KxKxCxF, stride, padding)
-
-
-def _shared_forward(x, kernel, stride, padding):
+def _forward(x, kernel, stride, padding):
+  """The one-client forward on the CPU: XLA's convolution (`chunked_conv2d` for few
+  input channels)."""
   # The barrier materialises x: fused into the convolution, its producer (a pooling,
   # a ReLU) would be recomputed for every tap that reads it.
   x = jax.lax.optimization_barrier(x)
@@ -189,13 +154,9 @@ def _shared_forward(x, kernel, stride, padding):
   return lax_conv2d(x, kernel, stride, padding)
 
 
-def _shared_conv2d_fwd(x, kernel, stride, padding):
-  return _shared_forward(x, kernel, stride, padding), (x, kernel)
-
-
-def _shared_conv2d_bwd(stride, padding, residuals, dy):
-  x, kernel = residuals
-  dy = jax.lax.optimization_barrier(dy)  # as in `_shared_forward`
+def _input_grad(dy, kernel, x_hwc, stride, padding):
+  """d(sum dy * conv(x, w))/dx for one client."""
+  dy = jax.lax.optimization_barrier(dy)  # as in `_forward`
   k = kernel.shape[0]
   if stride == 1 and 2 * padding == k - 1:
     # The input gradient of a "same" convolution is the convolution of dy with the
@@ -203,14 +164,228 @@ def _shared_conv2d_bwd(stride, padding, residuals, dy):
     # XLA:CPU sends to its fast convolution; the transpose XLA derives itself (HWOI)
     # took a generic path several times slower (1.6 s vs 0.45 s for conv3x3 64 -> 32
     # at 16x16 over 8000 samples).
-    dx = lax_conv2d(dy, kernel[::-1, ::-1].transpose(0, 1, 3, 2), 1, padding)
-  else:
-    (dx,) = jax.linear_transpose(lambda x: lax_conv2d(x, kernel, stride, padding), x)(dy)
-  dkernel = conv_weight_grad(x, dy, kernel.shape[0], stride, padding)
-  return dx, dkernel.astype(kernel.dtype)
+    return lax_conv2d(dy, kernel[::-1, ::-1].transpose(0, 1, 3, 2), 1, padding)
+  # Strided: XLA's own transpose (an input-dilated convolution). Spreading dy out by
+  # zeros first and convolving undilated measured slower still in the whole round
+  # (resnet16's server stage-3 conv, 80 samples: 45 ms against 2.4 ms).
+  x = jax.ShapeDtypeStruct((dy.shape[0],) + x_hwc, dy.dtype)
+  (dx,) = jax.linear_transpose(lambda x: lax_conv2d(x, kernel, stride, padding), x)(dy)
+  return dx
 
 
-shared_conv2d.defvjp(_shared_conv2d_fwd, _shared_conv2d_bwd)
+def _fold(a, batched: bool):
+  """N x B x ... -> (N B) x ... where batched."""
+  return a.reshape((-1,) + a.shape[2:]) if batched else a
+
+
+def _batched_by_map(fn: Callable, weights: tuple[int, ...]):
+  """`fn(*args)` (one client's arrays) with a batching rule that never lets `vmap` turn
+  it into a grouped convolution.
+
+  `weights` names the arguments that are weights. A batch axis on every data argument
+  and on no weight is folded into the sample axis (one large call); otherwise the batch
+  axis becomes a `lax.map` over it, each step one unbatched call of this same function
+  (so a nested vmap, seeds over clients, maps twice). `fn` returns an array or a tuple
+  of arrays, each with the samples on its leading axis.
+  """
+  op = jax.custom_batching.custom_vmap(fn)
+
+  @op.def_vmap
+  def rule(axis_size, in_batched, *args):
+    data = [i for i in range(len(args)) if i not in weights]
+    if data and all(in_batched[i] for i in data) and not any(in_batched[i] for i in weights):
+      out = op(*(_fold(a, i in data) for i, a in enumerate(args)))
+      unfold = lambda o: o.reshape((axis_size, -1) + o.shape[1:])
+      return jax.tree.map(unfold, out), jax.tree.map(lambda _: True, out)
+    batched = [a for a, b in zip(args, in_batched) if b]
+
+    def one(sliced):
+      it = iter(sliced)
+      return op(*(next(it) if b else a for a, b in zip(args, in_batched)))
+
+    out = jax.lax.map(one, batched)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return op
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_conv(stride: int, padding: int, kernel: int):
+  """The convolution of one (stride, padding, kernel size) as a custom VJP whose
+  forward, input gradient and weight gradient each batch by `_batched_by_map`."""
+  forward = _batched_by_map(lambda x, w: _forward(x, w, stride, padding), weights=(1,))
+  weight_grad = _batched_by_map(
+      lambda x, dy: conv_weight_grad(x, dy, kernel, stride, padding), weights=(0, 1))
+
+  @functools.lru_cache(maxsize=None)
+  def input_grad_of(x_hwc):
+    return _batched_by_map(lambda dy, w: _input_grad(dy, w, x_hwc, stride, padding),
+                           weights=(1,))
+
+  conv = jax.custom_vjp(lambda x, w: forward(x, w))
+
+  def fwd(x, w):
+    return forward(x, w), (x, w)
+
+  def bwd(residuals, dy):
+    x, w = residuals
+    dx = input_grad_of(tuple(x.shape[1:]))(dy, w)
+    return dx, weight_grad(x, dy).astype(w.dtype)
+
+  conv.defvjp(fwd, bwd)
+  return conv
+
+
+def cpu_conv2d(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, stride: int = 1,
+               padding: int = 0) -> jax.Array:
+  """XLA:CPU's fast convolution for one client, batched by `lax.map` over weights."""
+  return _cpu_conv(stride, padding, kernel_KxKxCxF.shape[0])(x_BxHxWxC, kernel_KxKxCxF)
+
+
+# ---------------------------------------------------------------- conv3x3 + max-pool 2
+# A 3x3 "same" convolution of an input with few channels (an image's 3) followed by
+# PyTorch's MaxPool2d(2) is one matmul per pooling window: the window's four outputs
+# read a 4x4 patch of the input, so patches of 16 C values (space to depth) times a
+# 16C x 4F matrix (the kernel placed at the four offsets) give all four, and the pool
+# takes their maximum. Against im2col's K = 9 C = 27 contraction with F = 32 outputs, the
+# matmul is 48 x 128, and the full-resolution output never leaves the cache: conv1 of
+# bench_cnn (3 -> 32 at 32x32) forward for 320 samples took 28 ms as a chunked im2col
+# and 43 ms as XLA's convolution + pooling.
+
+
+def _window_patches(x_BxHxWxC: jax.Array) -> jax.Array:
+  """The 4x4 input patch of every 2x2 pooling window of a padded-by-1 3x3 convolution:
+  B x H/2 x W/2 x 16C, in (block row, block column, row in block, column in block,
+  channel) order. Space to depth first (2x2 blocks of the padded input), then the 2x2
+  blocks of blocks: four shifted views, not sixteen strided ones."""
+  b, h, w, c = x_BxHxWxC.shape
+  x = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  s2d = x.reshape(b, h // 2 + 1, 2, w // 2 + 1, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(
+      b, h // 2 + 1, w // 2 + 1, 4 * c)
+  return jnp.concatenate([s2d[:, i:i + h // 2, j:j + w // 2, :] for i in range(2)
+                          for j in range(2)], axis=-1)
+
+
+def _window_kernel(kernel_3x3xCxF: jax.Array) -> jax.Array:
+  """16C x 4F, rows in `_window_patches`' order: column block t = 2u + v is the kernel
+  at offset (u, v) of the 4x4 patch."""
+  c, f = kernel_3x3xCxF.shape[2:]
+  placed = [jnp.pad(kernel_3x3xCxF, ((u, 1 - u), (v, 1 - v), (0, 0), (0, 0)))
+            for u in range(2) for v in range(2)]
+  big = jnp.stack(placed, axis=3)  # patch row p = 2 bi + pi, column q = 2 bj + pj
+  return big.reshape(2, 2, 2, 2, c, 4 * f).transpose(0, 2, 1, 3, 4, 5).reshape(
+      16 * c, 4 * f)
+
+
+def _first_max(y_Mx4xF: jax.Array):
+  """max over the 4 window positions and the first position holding it (as
+  `_max_pool2_fwd`: row-major, strict comparisons)."""
+  v0, v1, v2, v3 = (y_Mx4xF[..., t, :] for t in range(4))
+  top, bottom = jnp.maximum(v0, v1), jnp.maximum(v2, v3)
+  top_idx = jnp.where(v1 > v0, 1, 0).astype(jnp.int8)
+  bottom_idx = jnp.where(v3 > v2, 3, 2).astype(jnp.int8)
+  return jnp.maximum(top, bottom), jnp.where(bottom > top, bottom_idx, top_idx)
+
+
+def _chunk_of_windows(n: int, h: int, w: int, c: int) -> int:
+  return _chunk_size(n, _WEIGHT_GRAD_CHUNK_BYTES // (4 * (h // 2) * (w // 2) * 16 * c))
+
+
+def _pool_conv_forward(x, kernel):
+  """(max_pool2(conv3x3(x)), window index) for one client, a chunk of samples at a time."""
+  n, h, w, c = x.shape
+  f = kernel.shape[-1]
+  big = _window_kernel(kernel)
+
+  def chunk(xc):
+    y = jnp.dot(_window_patches(xc), big).reshape(xc.shape[0], h // 2, w // 2, 4, f)
+    return _first_max(y)
+
+  pooled, idx = jax.lax.map(chunk, _chunked(x, _chunk_of_windows(n, h, w, c)))
+  unchunk = lambda a: a.reshape((-1,) + a.shape[2:])[:n]
+  return unchunk(pooled), unchunk(idx)
+
+
+def _routed(g_BxhxwxF, idx_BxhxwxF):
+  """The pooled gradient routed to the window position that won: B x h x w x 4F."""
+  return jnp.stack([jnp.where(idx_BxhxwxF == t, g_BxhxwxF, 0.0) for t in range(4)], axis=3
+                   ).reshape(g_BxhxwxF.shape[:3] + (4 * g_BxhxwxF.shape[-1],))
+
+
+def _pool_conv_weight_grad(x, g, idx):
+  """d/dkernel for one client: patches^T routed-g, accumulated over chunks, folded from
+  the 16C x 4F window kernel back to 3x3xCxF."""
+  n, h, w, c = x.shape
+  f = g.shape[-1]
+  chunk = _chunk_of_windows(n, h, w, c)
+
+  def add_chunk(acc, xgi):
+    xc, gc, ic = xgi
+    return acc + jnp.dot(_window_patches(xc).reshape(-1, 16 * c).T,
+                         _routed(gc, ic).reshape(-1, 4 * f)), None
+
+  acc, _ = jax.lax.scan(add_chunk, jnp.zeros((16 * c, 4 * f), x.dtype),
+                        (_chunked(x, chunk), _chunked(g, chunk), _chunked(idx, chunk)))
+  # Back to patch (row, column) order, then each offset's 3x3 block summed.
+  acc = acc.reshape(2, 2, 2, 2, c, 4, f).transpose(0, 2, 1, 3, 4, 5, 6).reshape(
+      4, 4, c, 4, f)
+  return sum(acc[u:u + 3, v:v + 3, :, 2 * u + v, :] for u in range(2) for v in range(2))
+
+
+def _pool_conv_input_grad(g, idx, kernel, x_hwc):
+  """d/dx for one client: the routed gradient through the window matmul, scattered back
+  through the (linear) patch extraction."""
+  big = _window_kernel(kernel)
+  d_patches = jnp.dot(_routed(g, idx), big.T)
+  x = jax.ShapeDtypeStruct((g.shape[0],) + x_hwc, g.dtype)
+  (dx,) = jax.linear_transpose(_window_patches, x)(d_patches)
+  return dx
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_pool_conv():
+  """conv3x3 (padding 1) + max_pool2 as a custom VJP of `_batched_by_map` pieces."""
+  forward = _batched_by_map(_pool_conv_forward, weights=(1,))
+  weight_grad = _batched_by_map(_pool_conv_weight_grad, weights=(0, 1, 2))
+
+  @functools.lru_cache(maxsize=None)
+  def input_grad_of(x_hwc):
+    return _batched_by_map(lambda g, idx, k: _pool_conv_input_grad(g, idx, k, x_hwc),
+                           weights=(2,))
+
+  conv = jax.custom_vjp(lambda x, w: forward(x, w)[0])
+
+  def fwd(x, w):
+    pooled, idx = forward(x, w)
+    return pooled, (x, w, idx)
+
+  def bwd(residuals, g):
+    x, w, idx = residuals
+    dx = input_grad_of(tuple(x.shape[1:]))(g, idx, w)
+    return dx, weight_grad(x, g, idx).astype(w.dtype)
+
+  conv.defvjp(fwd, bwd)
+  return conv
+
+
+def pooled_conv3x3(x_BxHxWxC: jax.Array, kernel_3x3xCxF: jax.Array) -> jax.Array:
+  """max_pool2(conv3x3(x, kernel, padding 1)) as `_cpu_pool_conv` (H and W even)."""
+  return _cpu_pool_conv()(x_BxHxWxC, kernel_3x3xCxF)
+
+
+def _fuses_pool(x_shape, kernel_shape, stride: int, padding: int) -> bool:
+  k, _, c, _ = kernel_shape
+  return (kernel_backend() == "cpu" and k == 3 and stride == 1 and padding == 1
+          and k * k * c <= _SMALL_CONTRACTION and x_shape[1] % 2 == 0
+          and x_shape[2] % 2 == 0)
+
+
+def fast_conv2d(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, stride: int = 1,
+                padding: int = 0) -> jax.Array:
+  """The convolution the models use: `cpu_conv2d` on the CPU, XLA's elsewhere."""
+  if kernel_backend() == "cpu":
+    return cpu_conv2d(x_BxHxWxC, kernel_KxKxCxF, stride, padding)
+  return lax_conv2d(x_BxHxWxC, kernel_KxKxCxF, stride, padding)
 
 
 @jax.custom_vjp
@@ -283,8 +458,8 @@ _max_pool2_even.defvjp(_max_pool2_fwd, _max_pool2_bwd)
 class PatchConv(nn.Module):
   """Drop-in for `nn.Conv` (square kernel, symmetric padding).
 
-  impl='auto' uses `shared_conv2d` inside `shared_weights()` and `conv2d` elsewhere;
-  impl='patch' always uses `conv2d`. With `pool=True` it returns
+  impl='auto' uses `fast_conv2d` (its kernel chosen by what is batched, and by the
+  backend); impl='patch' always uses `conv2d` (im2col + matmul). With `pool=True` it returns
   max_pool2(conv(x) + bias), computed as max_pool2(conv(x)) + bias: the same numbers
   (adding a constant commutes with max, rounding included), the bias added to a
   quarter of the values.
@@ -303,12 +478,14 @@ class PatchConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32).astype(x.dtype)
-    if self.impl == "auto" and weights_are_shared():
-      y = shared_conv2d(x, kernel, self.stride, self.padding)
+    if self.impl == "auto" and self.pool and _fuses_pool(x.shape, shape, self.stride,
+                                                         self.padding):
+      y = pooled_conv3x3(x, kernel)
     else:
-      y = conv2d(x, kernel, self.stride, self.padding)
-    if self.pool:
-      y = max_pool2(y)
+      conv = fast_conv2d if self.impl == "auto" else conv2d
+      y = conv(x, kernel, self.stride, self.padding)
+      if self.pool:
+        y = max_pool2(y)
     if self.use_bias:
       y = add_bias(y, self.param("bias", self.bias_init, (self.features,),
                                  jnp.float32).astype(x.dtype))
