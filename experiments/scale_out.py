@@ -61,7 +61,7 @@ def main():
   placement = make_placement(cfg, state, mesh)
   state = put_global(state, placement.state)
   data = put_global(pad_data(data, padded), placement.data)
-  step = jit_sharded(padded_round(cfg, make_round_step(cfg, model, jit=False), mesh),
+  step = jit_sharded(padded_round(cfg, make_round_step(cfg, model, jit=False, mesh=mesh), mesh),
                      placement)
   t0 = time.perf_counter()
   compiled = step.lower(state, data).compile()

@@ -18,7 +18,8 @@ Sharded over every device (`lfmjax.mesh`; clients padded to a multiple of the de
     state = lfmjax.put_global(state, placement.state)
     data = lfmjax.put_global(lfmjax.mesh.pad_data(data, padded), placement.data)
     step = lfmjax.jit_sharded(
-        lfmjax.padded_round(cfg, lfmjax.make_round_step(cfg, model, jit=False), mesh),
+        lfmjax.padded_round(cfg, lfmjax.make_round_step(cfg, model, jit=False, mesh=mesh),
+                            mesh),
         placement)
 """
 from lfmjax import data, mesh

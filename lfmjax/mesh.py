@@ -34,9 +34,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lfmjax.algorithms import RoundConfig
+from lfmjax.round import CLIENTS
 from lfmjax.state import RoundData, RoundState
-
-CLIENTS = "clients"
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -30,12 +30,15 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, PartitionSpec
 
 from lfmjax import components
 from lfmjax.algorithms import RoundConfig
 from lfmjax.data import batch_indices
 from lfmjax.models import SplitModel, apply_module, has_stem
 from lfmjax.models.patch_conv import kernel_backend
+
+CLIENTS = "clients"  # the mesh axis the clients are split over (lfmjax.mesh)
 from lfmjax.state import (ClientState, RoundData, RoundState, ServerState,
                           client_optimizer, server_optimizer, stack_clients)
 
@@ -59,18 +62,36 @@ def sample_batch(cfg: RoundConfig, state: RoundState, data: RoundData):
   return x_model, x01, data.train_y[idx_CxB]
 
 
-def map_clients(fn):
+def map_clients(fn, mesh: Mesh | None = None):
   """fn of one client's arrays, over a leading client axis.
 
   On the CPU a `lax.map`: each step is one client's whole computation with unbatched
   weights, so every convolution runs its one-client kernel and the loop over clients is
   one loop, not one per layer (`models.patch_conv` would otherwise map each layer of a
-  vmapped call, slicing its inputs and stacking its outputs each time). Elsewhere a
-  `vmap`. A caller's own vmap (seeds) over either gets the same kernels.
+  vmapped call, slicing its inputs and stacking its outputs each time). On a mesh of
+  several devices whose 'clients' axis divides the clients, the loop runs per device
+  (`jax.shard_map`) over that device's own clients: a loop over an axis split across
+  devices would make the partitioner gather it onto every device. Elsewhere (GPU, TPU)
+  a `vmap`. A caller's own vmap (seeds) over any of them gets the same kernels.
   """
-  if kernel_backend() == "cpu":
-    return lambda *args: jax.lax.map(lambda a: fn(*a), args)
-  return jax.vmap(fn)
+  if kernel_backend() != "cpu":
+    return jax.vmap(fn)
+
+  def loop(*args):
+    return jax.lax.map(lambda a: fn(*a), args)
+
+  if mesh is None or mesh.size == 1:
+    return loop
+
+  def per_device(*args):
+    if jax.tree.leaves(args)[0].shape[0] % mesh.size:
+      return loop(*args)  # uneven: the partitioner's way
+    spec = PartitionSpec(CLIENTS)
+    # check_vma off: the kernels' scans start from fresh zeros, which it would flag.
+    return jax.shard_map(loop, mesh=mesh, in_specs=spec, out_specs=spec,
+                         check_vma=False)(*args)
+
+  return per_device
 
 
 def make_local_losses(cfg: RoundConfig, model: SplitModel):
@@ -174,7 +195,7 @@ def client_group_size(num_clients: int, batch_size: int) -> int:
   return max(d for d in range(1, target + 1) if num_clients % d == 0)
 
 
-def make_shared_client_phase(cfg: RoundConfig, model: SplitModel):
+def make_shared_client_phase(cfg: RoundConfig, model: SplitModel, split: bool = False):
   """The clients' side of an iteration computed with one shared copy of their segments.
 
   Exact when `cfg.clients_shared` (see there): FedAvg of every client's SGD step equals
@@ -217,7 +238,8 @@ def make_shared_client_phase(cfg: RoundConfig, model: SplitModel):
     params, stats, opt_state = first(clients.params), first(clients.stats), first(
         clients.opt_state)
     num_clients = weights_C.shape[0]
-    group = client_group_size(num_clients, cfg.batch_size)
+    # Groups are a loop over the client axis: one group when it is split over devices.
+    group = num_clients if split else client_group_size(num_clients, cfg.batch_size)
 
     def update(grads, new_stats_C, losses):
       updates, new_opt = opt_c.update(grads, opt_state, params)
@@ -371,7 +393,7 @@ def make_server_step_one(cfg: RoundConfig, model: SplitModel):
   return step
 
 
-def make_server_phase(cfg: RoundConfig, model: SplitModel):
+def make_server_phase(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None = None):
   """The server's part of a parallel iteration, by `cfg.server_mode`.
 
   Returns `phase(server, s_CxBxS, y_CxB, weights_C, key, step) -> (server, g_CxBxS,
@@ -395,7 +417,7 @@ def make_server_phase(cfg: RoundConfig, model: SplitModel):
                            "train_accuracy": acc}
 
   def per_client(server, s_CxBxS, y_CxB, weights_C, key, step):
-    new_server, (g, loss_C, acc_C) = map_clients(step_one)(server, s_CxBxS, y_CxB)
+    new_server, (g, loss_C, acc_C) = map_clients(step_one, mesh)(server, s_CxBxS, y_CxB)
     return new_server, g, {"loss_real": jnp.sum(weights_C * loss_C),
                            "loss_mix": jnp.zeros(()), "train_accuracy": jnp.mean(acc_C)}
 
@@ -452,26 +474,30 @@ def make_client_update(cfg: RoundConfig):
   return client_update
 
 
-def make_round_step(cfg: RoundConfig, model: SplitModel, *, jit: bool = True
+def make_round_step(cfg: RoundConfig, model: SplitModel, *, jit: bool = True,
+                    mesh: Mesh | None = None
                     ) -> Callable[[RoundState, RoundData], tuple[RoundState, dict]]:
   """Returns `round_step(state, data) -> (state, metrics)`: one iteration, all clients.
 
   With `jit=True` (default) the function is jitted with the state donated; it is
   traced once for a run, since nothing in it depends on Python values of the state.
+  `mesh`: the devices the clients are split over (`lfmjax.mesh`), if several; on the
+  CPU the per-client loops then run per device (`map_clients`).
   """
   if cfg.server_mode == "relay":
     round_step = make_relay_round(cfg, model)
   else:
-    round_step = make_parallel_round(cfg, model)
+    round_step = make_parallel_round(cfg, model, mesh)
   if jit:
     return jax.jit(round_step, donate_argnums=0)
   return round_step
 
 
-def make_parallel_round(cfg: RoundConfig, model: SplitModel):
+def make_parallel_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None = None):
   """Every algorithm whose clients compute at the same time (all but vanilla SL)."""
   client_forward = make_client_forward(cfg, model)
-  server_phase = make_server_phase(cfg, model)
+  server_phase = make_server_phase(cfg, model, mesh)
+  split = mesh is not None and mesh.size > 1  # no loops over groups of split clients
   client_update = make_client_update(cfg)
 
   def average_clients(clients: ClientState, weights_C) -> ClientState:
@@ -495,7 +521,7 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel):
       new_params, new_opt = client_update(params, opt_state, lower_vjp, g, ds_local,
                                           head_grads)
       return new_params, new_stats, new_opt, loss_local, loss_aux
-    return map_clients(one)(params, stats, opt_state, x_model, x01, y_CxB, g_CxBxS)
+    return map_clients(one, mesh)(params, stats, opt_state, x_model, x01, y_CxB, g_CxBxS)
 
   def per_client_forward(clients: ClientState, x_model, x01, y_CxB, weights_C):
     """Every client with its own segments (vmapped); `finish` as the shared phase's.
@@ -507,13 +533,14 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel):
     of the lower; the program's temporary memory is one group's.
     """
     num_clients = weights_C.shape[0]
-    group = client_group_size(num_clients, cfg.batch_size)
+    group = num_clients if split else client_group_size(num_clients, cfg.batch_size)
     if group == num_clients:
       s_CxBxS, lower_vjp, ds_local, head_grads, new_stats, loss_local_C, loss_aux_C = (
-          map_clients(client_forward)(clients.params, clients.stats, x_model, x01, y_CxB))
+          map_clients(client_forward, mesh)(clients.params, clients.stats, x_model, x01,
+                                            y_CxB))
 
       def finish(g_CxBxS):
-        new_params, new_opt = map_clients(client_update)(
+        new_params, new_opt = map_clients(client_update, mesh)(
             clients.params, clients.opt_state, lower_vjp, g_CxBxS, ds_local, head_grads)
         return (ClientState(new_params, new_stats, new_opt),
                 jnp.sum(weights_C * loss_local_C), jnp.sum(weights_C * loss_aux_C))
@@ -541,7 +568,7 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel):
 
     return s_CxBxS, finish
 
-  clients_forward = (make_shared_client_phase(cfg, model) if cfg.clients_shared
+  clients_forward = (make_shared_client_phase(cfg, model, split) if cfg.clients_shared
                      else per_client_forward)
 
   def round_step(state: RoundState, data: RoundData):

@@ -439,7 +439,7 @@ def place_run(cfg, model, mesh, num_seeds: int, state: RoundState, seed: int, x_
   state = put_global(state, placement.state)
   data = put_global(pad_data(data_host, num_padded), placement.data)
 
-  step_fn = padded_round(cfg, make_round_step(cfg, model, jit=False), mesh)
+  step_fn = padded_round(cfg, make_round_step(cfg, model, jit=False, mesh=mesh), mesh)
   evaluate_one = make_evaluate(cfg, model, jit=False)
 
   def evaluate_real(state, weights_C, client_ids, test):
