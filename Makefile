@@ -30,10 +30,10 @@ demo: venv fmnist
 test: venv
 	$(PY) -m pytest -q tests
 
-# The throughput of LocFedMix-SL's round against the PyTorch loop (BUILD.md: Speed).
+# The round on the paths users run against the PyTorch peer (BUILD.md: Speed; about 21 min).
 bench: venv
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m lfmjax.bench --out runs/bench
+	$(PY) -m lfmjax.bench --iters 3 --repeats 2 --out runs/bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
