@@ -2,8 +2,8 @@
 
     python -m lfmjax.main --config=configs/fmnist.py --workdir=runs/fmnist
 
-Expected: about 87-88 % test accuracy after 600 iterations, in about 5 minutes on 2 CPU
-cores (bench_cnn on 28x28x1, Adam 1e-3, batch 32 per client).
+Expected: about 87-88 % test accuracy after 600 iterations (87.72 % measured), in about
+2.5 minutes of training on 2 CPU cores (bench_cnn on 28x28x1, Adam 1e-3, batch 32 per client).
 """
 from lfmjax.config import base_config
 
