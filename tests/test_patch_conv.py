@@ -82,6 +82,15 @@ def test_cpu_conv2d_equals_lax_conv_and_its_gradients(n, hw, c, f, k, stride, pa
 BATCHINGS = [(0, 0), (0, None), (None, 0)]
 
 
+def nested_value_and_grads(fn, a, b, in_axes):
+  """value_and_grad of sum(sin(fn(a, b))) under two nested vmaps with `in_axes`; `a` and
+  `b` carry two leading axes, dropped (first element) where an axis is None."""
+  a = a if in_axes[0] == 0 else a[0, 0]
+  b = b if in_axes[1] == 0 else b[0, 0]
+  f = jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(fn(a, b))), (0, 1))
+  return jax.jit(jax.vmap(jax.vmap(f, in_axes), in_axes))(a, b)
+
+
 @pytest.mark.parametrize("in_axes", BATCHINGS)
 def test_cpu_conv2d_under_nested_vmap_equals_lax_conv(in_axes):
   """Whatever is batched, and under grad inside or outside the vmaps, the batching
@@ -149,16 +158,10 @@ def test_pooled_conv3x3_equals_conv_then_pool_under_nested_vmap(in_axes):
   from lfmjax.models.patch_conv import pooled_conv3x3
   x = jax.random.normal(jax.random.PRNGKey(6), (2, 3, 5, 6, 10, 3))
   w = jax.random.normal(jax.random.PRNGKey(7), (2, 3, 3, 3, 3, 7))
-  x = x if in_axes[0] == 0 else x[0, 0]
-  w = w if in_axes[1] == 0 else w[0, 0]
-
-  def value_and_grads(conv):
-    f = jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(conv(a, b))), (0, 1))
-    return jax.jit(jax.vmap(jax.vmap(f, in_axes), in_axes))(x, w)
-
   chex.assert_trees_all_close(
-      value_and_grads(pooled_conv3x3),
-      value_and_grads(lambda a, b: max_pool2(lax_conv2d(a, b, 1, 1))), atol=1e-4, rtol=1e-4)
+      nested_value_and_grads(pooled_conv3x3, x, w, in_axes),
+      nested_value_and_grads(lambda a, b: max_pool2(lax_conv2d(a, b, 1, 1)), x, w, in_axes),
+      atol=1e-4, rtol=1e-4)
 
 
 def test_pooled_conv3x3_chunks(monkeypatch):
@@ -226,14 +229,8 @@ def test_factored_upsample_conv_under_nested_vmap(in_axes):
   from lfmjax.models.layers import bilinear_resize, upsample_conv3x3
   s = jax.random.normal(jax.random.PRNGKey(10), (2, 3, 4, 7, 7, 6))
   k = jax.random.normal(jax.random.PRNGKey(11), (2, 3, 3, 3, 6, 4))
-  s = s if in_axes[0] == 0 else s[0, 0]
-  k = k if in_axes[1] == 0 else k[0, 0]
-
-  def value_and_grads(fn):
-    f = jax.value_and_grad(lambda a, b: jnp.sum(jnp.sin(fn(a, b))), (0, 1))
-    return jax.jit(jax.vmap(jax.vmap(f, in_axes), in_axes))(s, k)
-
   chex.assert_trees_all_close(
-      value_and_grads(lambda a, b: upsample_conv3x3(a, b, (28, 28))),
-      value_and_grads(lambda a, b: lax_conv2d(bilinear_resize(a, (28, 28)), b, 1, 1)),
+      nested_value_and_grads(lambda a, b: upsample_conv3x3(a, b, (28, 28)), s, k, in_axes),
+      nested_value_and_grads(lambda a, b: lax_conv2d(bilinear_resize(a, (28, 28)), b, 1, 1),
+                             s, k, in_axes),
       atol=1e-3, rtol=1e-3)
