@@ -37,10 +37,10 @@ from lfmjax.algorithms import RoundConfig
 from lfmjax.data import batch_indices
 from lfmjax.models import SplitModel, apply_module, has_stem
 from lfmjax.models.patch_conv import kernel_backend
-
-CLIENTS = "clients"  # the mesh axis the clients are split over (lfmjax.mesh)
 from lfmjax.state import (ClientState, RoundData, RoundState, ServerState,
                           client_optimizer, server_optimizer, stack_clients)
+
+CLIENTS = "clients"  # the mesh axis the clients are split over (lfmjax.mesh)
 
 # fold_in tags: one independent stream of randomness per purpose.
 TAG_BATCH, TAG_MIX, TAG_ORDER, TAG_GRADMIX = 0, 1, 2, 3
@@ -513,7 +513,7 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None =
                        components.fedavg(server.stats, weights_C), server.opt_state)
 
   def clients_step(params, stats, opt_state, x_model, x01, y_CxB, g_CxBxS):
-    """Forward, local terms and update of some clients, vmapped: (params, stats,
+    """Forward, local terms and update of some clients (`map_clients`): (params, stats,
     opt_state, loss_local_C, loss_aux_C)."""
     def one(params, stats, opt_state, x_model, x01, y, g):
       _, lower_vjp, ds_local, head_grads, new_stats, loss_local, loss_aux = client_forward(
@@ -524,7 +524,8 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None =
     return map_clients(one, mesh)(params, stats, opt_state, x_model, x01, y_CxB, g_CxBxS)
 
   def per_client_forward(clients: ClientState, x_model, x01, y_CxB, weights_C):
-    """Every client with its own segments (vmapped); `finish` as the shared phase's.
+    """Every client with its own segments (`map_clients`); `finish` as the shared
+    phase's.
 
     With many samples in all (1000 clients x 8), the lower's residuals of every client
     would be held from the forward to the download: instead the forward keeps s alone,

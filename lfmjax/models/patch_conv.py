@@ -222,15 +222,23 @@ def _cpu_conv(stride: int, padding: int, kernel: int):
     return _batched_by_map(lambda dy, w: _input_grad(dy, w, x_hwc, stride, padding),
                            weights=(1,))
 
-  conv = jax.custom_vjp(lambda x, w: forward(x, w))
+  return _assemble_vjp(lambda x, w: (forward(x, w), ()), input_grad_of, weight_grad)
+
+
+def _assemble_vjp(forward, input_grad_of, weight_grad):
+  """conv(x, w) as a custom VJP of its batched pieces. `forward(x, w) -> (y, saved)`
+  with `saved` a tuple kept for the backward (the pooling's window index);
+  `input_grad_of(x_hwc)(dy, *saved, w)` and `weight_grad(x, dy, *saved)`."""
+  conv = jax.custom_vjp(lambda x, w: forward(x, w)[0])
 
   def fwd(x, w):
-    return forward(x, w), (x, w)
+    y, saved = forward(x, w)
+    return y, (x, w, saved)
 
   def bwd(residuals, dy):
-    x, w = residuals
-    dx = input_grad_of(tuple(x.shape[1:]))(dy, w)
-    return dx, weight_grad(x, dy).astype(w.dtype)
+    x, w, saved = residuals
+    dx = input_grad_of(tuple(x.shape[1:]))(dy, *saved, w)
+    return dx, weight_grad(x, dy, *saved).astype(w.dtype)
 
   conv.defvjp(fwd, bwd)
   return conv
@@ -277,10 +285,10 @@ def _window_kernel(kernel_3x3xCxF: jax.Array) -> jax.Array:
       16 * c, 4 * f)
 
 
-def _first_max(y_Mx4xF: jax.Array):
-  """max over the 4 window positions and the first position holding it (as
-  `_max_pool2_fwd`: row-major, strict comparisons)."""
-  v0, v1, v2, v3 = (y_Mx4xF[..., t, :] for t in range(4))
+def _first_max(v0, v1, v2, v3):
+  """The maximum of a 2x2 window's four values (row-major) and the position of the
+  first one holding it, as PyTorch's pooling: strict comparisons keep the earlier on
+  ties."""
   top, bottom = jnp.maximum(v0, v1), jnp.maximum(v2, v3)
   top_idx = jnp.where(v1 > v0, 1, 0).astype(jnp.int8)
   bottom_idx = jnp.where(v3 > v2, 3, 2).astype(jnp.int8)
@@ -292,18 +300,19 @@ def _chunk_of_windows(n: int, h: int, w: int, c: int) -> int:
 
 
 def _pool_conv_forward(x, kernel):
-  """(max_pool2(conv3x3(x)), window index) for one client, a chunk of samples at a time."""
+  """(max_pool2(conv3x3(x)), (window index,)) for one client, a chunk of samples at a
+  time."""
   n, h, w, c = x.shape
   f = kernel.shape[-1]
   big = _window_kernel(kernel)
 
   def chunk(xc):
     y = jnp.dot(_window_patches(xc), big).reshape(xc.shape[0], h // 2, w // 2, 4, f)
-    return _first_max(y)
+    return _first_max(*(y[..., t, :] for t in range(4)))
 
   pooled, idx = jax.lax.map(chunk, _chunked(x, _chunk_of_windows(n, h, w, c)))
   unchunk = lambda a: a.reshape((-1,) + a.shape[2:])[:n]
-  return unchunk(pooled), unchunk(idx)
+  return unchunk(pooled), (unchunk(idx),)
 
 
 def _routed(g_BxhxwxF, idx_BxhxwxF):
@@ -353,19 +362,7 @@ def _cpu_pool_conv():
     return _batched_by_map(lambda g, idx, k: _pool_conv_input_grad(g, idx, k, x_hwc),
                            weights=(2,))
 
-  conv = jax.custom_vjp(lambda x, w: forward(x, w)[0])
-
-  def fwd(x, w):
-    pooled, idx = forward(x, w)
-    return pooled, (x, w, idx)
-
-  def bwd(residuals, g):
-    x, w, idx = residuals
-    dx = input_grad_of(tuple(x.shape[1:]))(g, idx, w)
-    return dx, weight_grad(x, g, idx).astype(w.dtype)
-
-  conv.defvjp(fwd, bwd)
-  return conv
+  return _assemble_vjp(forward, input_grad_of, weight_grad)
 
 
 def pooled_conv3x3(x_BxHxWxC: jax.Array, kernel_3x3xCxF: jax.Array) -> jax.Array:
@@ -436,13 +433,7 @@ def _max_pool2_even(x_BxHxWxC: jax.Array) -> jax.Array:
 
 
 def _max_pool2_fwd(x):
-  v0, v1, v2, v3 = _window_views(x)
-  top, bottom = jnp.maximum(v0, v1), jnp.maximum(v2, v3)
-  # The first maximum: strict comparisons keep the earlier view on ties.
-  top_idx = jnp.where(v1 > v0, 1, 0).astype(jnp.int8)
-  bottom_idx = jnp.where(v3 > v2, 3, 2).astype(jnp.int8)
-  idx = jnp.where(bottom > top, bottom_idx, top_idx)
-  return jnp.maximum(top, bottom), idx
+  return _first_max(*_window_views(x))
 
 
 def _max_pool2_bwd(idx, g):
