@@ -10,6 +10,7 @@ Fashion-MNIST, 5 clients, in well under a minute on 2 CPU cores).
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import flax.linen as nn
@@ -56,7 +57,7 @@ def main():
   state = lfmjax.init_state(cfg, model, jax.random.PRNGKey(0), jnp.zeros((32, 28, 28, 1)))
   round_step = lfmjax.make_round_step(cfg, model, jit=False)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=lfmjax.compiler_options())
   def train(state, data):
     def body(state, _):
       state, metrics = round_step(state, data)

@@ -27,11 +27,13 @@ from lfmjax.algorithms import ALGORITHMS, RoundConfig, round_config_from
 from lfmjax.evaluate import make_evaluate, pad_to_chunks
 from lfmjax.mesh import jit_sharded, make_mesh, make_placement, padded_round, put_global
 from lfmjax.models import SplitModel, get_model
+from lfmjax.models.patch_conv import compiler_options
 from lfmjax.round import make_multi_step, make_round_step
 from lfmjax.state import RoundData, RoundState, init_state, make_data
 
 __all__ = [
-    "ALGORITHMS", "RoundConfig", "RoundData", "RoundState", "SplitModel", "data",
+    "ALGORITHMS", "RoundConfig", "RoundData", "RoundState", "SplitModel", "compiler_options",
+    "data",
     "get_model", "init_state", "jit_sharded", "make_data", "make_evaluate", "make_mesh",
     "make_multi_step", "make_placement", "make_round_step", "mesh", "pad_to_chunks",
     "padded_round", "put_global", "round_config_from",

@@ -92,6 +92,7 @@ def run_point(path: BenchPath, clients: int, batch: int, iters: int, seeds: int 
   import jax.numpy as jnp
   import numpy as np
   from lfmjax.models import get_model
+  from lfmjax.models.patch_conv import compiler_options
   from lfmjax.round import make_round_step
   from lfmjax.state import init_state, make_data
 
@@ -111,7 +112,7 @@ def run_point(path: BenchPath, clients: int, batch: int, iters: int, seeds: int 
     states = [init_state(cfg, model, jax.random.key(s), x_example) for s in range(seeds)]
     state = jax.tree.map(lambda *a: jnp.stack(a), *states)
     step = jax.jit(jax.vmap(make_round_step(cfg, model, jit=False), in_axes=(0, None)),
-                   donate_argnums=0)
+                   donate_argnums=0, compiler_options=compiler_options())
   t0 = time.perf_counter()
   compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - t0

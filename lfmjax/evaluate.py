@@ -16,6 +16,7 @@ import optax
 from lfmjax import components
 from lfmjax.algorithms import RoundConfig
 from lfmjax.models import SplitModel, apply_module
+from lfmjax.models.patch_conv import compiler_options
 from lfmjax.state import RoundState
 
 
@@ -80,4 +81,4 @@ def make_evaluate(cfg: RoundConfig, model: SplitModel, *, jit: bool = True):
       correct, loss = correct_E.mean(), loss_E.mean()
     return {"accuracy": correct / n, "loss": loss / n}
 
-  return jax.jit(evaluate) if jit else evaluate
+  return jax.jit(evaluate, compiler_options=compiler_options()) if jit else evaluate

@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lfmjax.algorithms import RoundConfig
+from lfmjax.models.patch_conv import compiler_options
 from lfmjax.round import CLIENTS
 from lfmjax.state import RoundData, RoundState
 
@@ -196,7 +197,8 @@ def jit_sharded(fn, placement: Placement, *, donate: bool = True):
   """jax.jit of fn(state, data) -> (state, metrics) with the placement's in/out shardings."""
   return jax.jit(fn, in_shardings=(placement.state, placement.data),
                  out_shardings=(placement.state, placement.replicated),
-                 donate_argnums=0 if donate else ())
+                 donate_argnums=0 if donate else (),
+                 compiler_options=compiler_options())
 
 
 def initialize_distributed(config) -> None:

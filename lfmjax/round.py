@@ -36,7 +36,7 @@ from lfmjax import components
 from lfmjax.algorithms import RoundConfig
 from lfmjax.data import batch_indices
 from lfmjax.models import SplitModel, apply_module, has_stem
-from lfmjax.models.patch_conv import kernel_backend
+from lfmjax.models.patch_conv import compiler_options, kernel_backend
 from lfmjax.state import (ClientState, RoundData, RoundState, ServerState,
                           client_optimizer, server_optimizer, stack_clients)
 
@@ -489,7 +489,7 @@ def make_round_step(cfg: RoundConfig, model: SplitModel, *, jit: bool = True,
   else:
     round_step = make_parallel_round(cfg, model, mesh)
   if jit:
-    return jax.jit(round_step, donate_argnums=0)
+    return jax.jit(round_step, donate_argnums=0, compiler_options=compiler_options())
   return round_step
 
 
@@ -649,5 +649,5 @@ def make_multi_step(round_step, num_steps: int, *, jit: bool = True):
     return jax.lax.scan(body, state, None, length=num_steps)
 
   if jit:
-    return jax.jit(multi_step, donate_argnums=0)
+    return jax.jit(multi_step, donate_argnums=0, compiler_options=compiler_options())
   return multi_step

@@ -30,6 +30,7 @@ from lfmjax.data import PARTITIONS, client_table, load_dataset, make_partition
 from lfmjax.data.datasets import canonical_name
 from lfmjax.evaluate import eval_client_ids, make_evaluate, pad_to_chunks
 from lfmjax.models import MODEL_NAMES, get_model
+from lfmjax.models.patch_conv import compiler_options
 from lfmjax.mesh import (Placement, jit_sharded, make_mesh, make_placement, pad_data,
                          pad_state, padded_num_clients, padded_round, put_global,
                          real_clients)
@@ -453,7 +454,7 @@ def place_run(cfg, model, mesh, num_seeds: int, state: RoundState, seed: int, x_
       state=state, data=data, placement=placement,
       multi_step=jit_sharded(make_multi_step(step_fn, chunk, jit=False), placement),
       single_step=jit_sharded(make_multi_step(step_fn, 1, jit=False), placement),
-      evaluate=jax.jit(evaluate_real))
+      evaluate=jax.jit(evaluate_real, compiler_options=compiler_options()))
 
 
 def next_stop(step: int, config) -> int:

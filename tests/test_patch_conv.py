@@ -50,21 +50,21 @@ def test_model_outputs_equal_across_conv_impls(name):
 
 # ------------------------------------------------- the CPU kernels and their batching
 from lfmjax.models import patch_conv  # noqa: E402
-from lfmjax.models.patch_conv import (add_bias, conv_weight_grad, cpu_conv2d,  # noqa: E402
-                                      lax_conv2d, max_pool2)
+from lfmjax.models.patch_conv import add_bias, cpu_conv2d, lax_conv2d, max_pool2  # noqa: E402
 
 
-# (samples, side, in, out, kernel, stride, padding): a small contraction (chunked
-# forward), fewer outputs than inputs (patches of dy), a strided conv (XLA's own input
-# gradient), a 1x1 conv, and a prime sample count (padded chunks).
+# (samples, side, in, out, kernel, stride, padding): an image's 3 channels, fewer
+# outputs than inputs, strided convolutions (the input gradient by phases: 3x3 and 1x1
+# at stride 2 on even and odd sides, stride 3 with a 5x5 kernel, a stride that skips
+# the input's last row), a 1x1 conv, a valid (unpadded) 3x3.
 CPU_CASES = [(5, 9, 3, 7, 3, 1, 1), (7, 8, 12, 3, 3, 1, 1), (3, 9, 4, 6, 3, 2, 1),
-             (4, 8, 5, 2, 1, 1, 0), (13, 6, 16, 24, 3, 1, 1)]
+             (3, 8, 4, 6, 3, 2, 1), (3, 8, 4, 6, 1, 2, 0), (3, 9, 4, 6, 1, 2, 0),
+             (2, 11, 3, 4, 5, 3, 2), (2, 8, 3, 4, 3, 2, 0), (4, 8, 5, 2, 1, 1, 0),
+             (13, 6, 16, 24, 3, 1, 1), (3, 7, 4, 5, 3, 1, 0)]
 
 
 @pytest.mark.parametrize("n,hw,c,f,k,stride,padding", CPU_CASES)
-def test_cpu_conv2d_equals_lax_conv_and_its_gradients(n, hw, c, f, k, stride, padding,
-                                                      monkeypatch):
-  monkeypatch.setattr(patch_conv, "_WEIGHT_GRAD_CHUNK_BYTES", 4 * hw * hw * k * k * c * 2)
+def test_cpu_conv2d_equals_lax_conv_and_its_gradients(n, hw, c, f, k, stride, padding):
   x = jax.random.normal(jax.random.PRNGKey(0), (n, hw, hw, c))
   w = jax.random.normal(jax.random.PRNGKey(1), (k, k, c, f)) / (k * k * c) ** 0.5
 
@@ -131,6 +131,26 @@ def test_per_client_weights_are_a_map_not_a_grouped_convolution():
   assert "feature_group_count = 4" in lax_hlo
 
 
+def test_round_compiles_without_ynnpack_convolutions():
+  """`compiler_options()` reaches the round's jit: no YNNPACK fusion (the slow
+  convolutions on this CPU) in the compiled program, where a plain jit has some."""
+  from lfmjax.algorithms import RoundConfig
+  from lfmjax.models import get_model
+  from lfmjax.round import make_round_step
+  from lfmjax.state import init_state, make_data
+  import numpy as np
+  cfg = RoundConfig(num_clients=2, batch_size=4, num_classes=10, client_optimizer="adam")
+  model = get_model("bench_cnn", num_classes=10, input_shape=(16, 16, 3))
+  state = init_state(cfg, model, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  data = make_data(np.zeros((16, 16, 16, 3), np.uint8), np.zeros(16, np.int32),
+                   np.arange(16).reshape(2, 8), np.full(2, 8))
+  compiled = make_round_step(cfg, model).lower(state, data).compile().as_text()
+  assert "ynn_fusion" not in compiled
+  x, w = jnp.zeros((8, 16, 16, 32)), jnp.zeros((3, 3, 32, 64))
+  plain = jax.jit(lambda a, b: lax_conv2d(a, b, 1, 1)).lower(x, w).compile().as_text()
+  assert "ynn_fusion" in plain
+
+
 @pytest.mark.parametrize("backend", ["cpu", "xla"])
 def test_both_kernel_backends_compute_the_same_model(backend, monkeypatch):
   """The CPU kernels and XLA's own (GPU/TPU), forced on the CPU, give the same round
@@ -166,7 +186,7 @@ def test_pooled_conv3x3_equals_conv_then_pool_under_nested_vmap(in_axes):
 
 def test_pooled_conv3x3_chunks(monkeypatch):
   from lfmjax.models.patch_conv import pooled_conv3x3
-  monkeypatch.setattr(patch_conv, "_WEIGHT_GRAD_CHUNK_BYTES", 1)  # one sample a chunk
+  monkeypatch.setattr(patch_conv, "_CHUNK_BYTES", 1)  # one sample a chunk
   x = jax.random.normal(jax.random.PRNGKey(8), (7, 8, 8, 3))
   w = jax.random.normal(jax.random.PRNGKey(9), (3, 3, 3, 5))
 

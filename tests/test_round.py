@@ -289,8 +289,8 @@ def test_round_equals_plain_per_client_loop(name):
 
 
 # bench_cnn exercises every fast path of the round: one shared model for the clients
-# (FedAvg + SGD), XLA convolutions with chunked im2col weight gradients and a chunked
-# first layer, the factored decoder, pooling before bias and ReLU, and SmashMix formed
+# (FedAvg + SGD), XLA convolutions with canonical-layout weight gradients, the fused
+# first conv + pool, the factored decoder, pooling before bias and ReLU, and SmashMix formed
 # after the upper's affine stem.
 BENCH = lfmjax.get_model("bench_cnn", num_classes=N_CLS, input_shape=(H, H, 1))
 BENCH_ALGOS = ["locfedmix", "psl", "mix2sfl", "sfl_v1", "sfl_v2", "locsplitfed", "sl",

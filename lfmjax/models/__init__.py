@@ -13,8 +13,8 @@ are inferred at init, so every model accepts any reasonable input size.
 
 Every conv model takes the override `conv_impl`: 'auto' (default; on the CPU the kernels
 of `patch_conv`, chosen by what a vmap batches: per-client weights become a loop of
-one-client XLA convolutions with im2col weight gradients, shared weights one large
-convolution; XLA's own convolutions on GPU and TPU), 'patch' (always im2col + matmul)
+one-client XLA convolutions with their gradients in the layouts XLA:CPU computes fast,
+shared weights one large convolution; XLA's own convolutions on GPU and TPU), 'patch' (always im2col + matmul)
 or 'lax' (flax's nn.Conv). Variables are the same for all three.
 """
 from __future__ import annotations

@@ -15,11 +15,18 @@ three parts (the forward, the input gradient and the weight gradient) are
 `jax.custom_batching.custom_vmap` functions. Their batching rules pick the kernel from
 what is batched: a batch axis on the data alone is folded into the samples (one large
 convolution); a batch axis on the weights becomes a `lax.map` over it, each step running
-the one-client kernel: XLA's convolution forward, the input gradient as a convolution
-with the flipped kernel, and the weight gradient as im2col + matmul over cache-sized
-chunks. A user's `jax.vmap` over seeds or clients, nested or not, gets the same kernels
+the one-client kernel: XLA's convolution forward, the input gradient as a stride-1
+convolution (the flipped kernel, or the stride's phases as output channels), and the
+weight gradient as a convolution laid out the way XLA:CPU's fast (Eigen) path takes
+it. A user's `jax.vmap` over seeds or clients, nested or not, gets the same kernels
 with no flag to set. On other backends (GPU, TPU) `conv2d` is XLA's own convolution and
 its own gradients; `kernel_backend()` tells which.
+
+On the CPU these kernels are fast only without XLA's YNNPACK convolutions, which on
+this machine's AVX-512 cores run at half the speed of the Eigen path they replace
+(conv3x3 32 -> 64 at 16x16, 256 samples: 16.5 ms against 7.3 ms, forward).
+`compiler_options()` turns them off; every program lfmjax compiles passes it to
+`jax.jit`, and a user who jits `round_step` inside their own program should too.
 
 Parameters are named and laid out as `flax.linen.Conv`'s (`kernel` HWIO, `bias`), so
 every implementation here is interchangeable with flax's.
@@ -38,6 +45,15 @@ def kernel_backend() -> str:
   """'cpu' where the kernels of this module pay (XLA:CPU), 'xla' elsewhere: GPUs and
   TPUs run XLA's own convolutions, whose constants were not tuned on this machine."""
   return "cpu" if jax.default_backend() == "cpu" else "xla"
+
+
+def compiler_options() -> dict[str, str]:
+  """XLA options for `jax.jit(..., compiler_options=...)` of programs using these
+  kernels: on the CPU no YNNPACK fusions (its convolutions are the slow ones here; its
+  matmuls measured no faster than XLA's own), nothing elsewhere."""
+  if kernel_backend() == "cpu":
+    return {"xla_cpu_experimental_ynn_fusion_type": ""}
+  return {}
 
 
 def im2col(x_BxHxWxC: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
@@ -66,9 +82,10 @@ def lax_conv2d(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, stride: int = 1,
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-# Bytes of im2col patches per chunk of `conv_weight_grad` and `chunked_conv2d`: small enough to stay in
-# a core's L2 cache (memory bandwidth, not arithmetic, bounds a materialised im2col).
-_WEIGHT_GRAD_CHUNK_BYTES = 1 << 20
+# Bytes of input per chunk of the fused conv + pool's window matmuls: small enough to
+# stay in a core's L2 cache (memory bandwidth, not arithmetic, bounds a materialised
+# patch matrix).
+_CHUNK_BYTES = 1 << 20
 
 
 def _chunk_size(n: int, target: int) -> int:
@@ -86,71 +103,37 @@ def _chunked(x_Bx: jax.Array, chunk: int) -> jax.Array:
   return x_Bx.reshape((-1, chunk) + x_Bx.shape[1:])
 
 
-def chunked_conv2d(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, stride: int = 1,
-                   padding: int = 0) -> jax.Array:
-  """`conv2d` (im2col + matmul) a cache-sized chunk of samples at a time (`lax.map`).
-
-  For inputs with few channels (an image's 3), whose im2col is a large copy for little
-  arithmetic and which XLA's own convolution handles poorly: conv3x3 3 -> 32 at 32x32
-  for 800 samples takes 53 ms this way on 2 CPU cores, 92 ms with `lax_conv2d`.
-  """
-  n = x_BxHxWxC.shape[0]
-  k, _, c, f = kernel_KxKxCxF.shape
-  rows = x_BxHxWxC.shape[1] * x_BxHxWxC.shape[2] // (stride * stride)
-  chunk = _chunk_size(n, _WEIGHT_GRAD_CHUNK_BYTES // (4 * rows * k * k * c))
-  y = jax.lax.map(lambda xc: conv2d(xc, kernel_KxKxCxF, stride, padding),
-                  _chunked(x_BxHxWxC, chunk))
-  return y.reshape((-1,) + y.shape[2:])[:n]
-
-
-# XLA's convolution is slow when k*k*C, the contraction, is this small.
-_SMALL_CONTRACTION = 32
-
-
-def conv_weight_grad(x_BxHxWxC: jax.Array, dy_BxHxWxF: jax.Array, kernel: int,
+def conv_weight_grad(x_BxHxWxC: jax.Array, dy_BxHoxWoxF: jax.Array, kernel: int,
                      stride: int, padding: int) -> jax.Array:
-  """d(sum dy * conv(x, w))/dw (K x K x C x F) as im2col + matmul, a chunk at a time.
+  """d(sum dy * conv(x, w))/dw (K x K x C x F) as one convolution in canonical layout.
 
-  A `lax.scan` over chunks of samples accumulates patches^T dy, so the patches of a
-  chunk are written to and read back from cache instead of memory: on 2 CPU cores,
-  conv3x3 32 -> 64 at 16x16 for 800 samples takes 66 ms this way, 155 ms with one
-  whole im2col, 268 ms with XLA's own weight-gradient convolution. For a "same"
-  stride-1 convolution with fewer output than input channels, the patches are taken of
-  dy instead (sum_q x[q] dy[q - t], the same sum reindexed): fewer channels to copy.
+  dw[i, j, c, f] = sum_{b, p, q} x[b, s p + i - pad, s q + j - pad, c] dy[b, p, q, f]
+  is a convolution of x (channels as its batch, samples as its features) with dy
+  (dilated by the stride) as the window. Transposed explicitly to C x H x W x B and
+  Ho x Wo x B x F it is an NHWC x HWIO convolution, which XLA:CPU runs on its fast
+  path; the weight gradient XLA derives itself keeps other layouts and took a generic
+  path inside the per-client loop (2.35 s against 15 ms for conv2 of bench_cnn over 256
+  samples). Against the former im2col + matmul over cache-sized chunks: 15.1 against
+  20.3 ms for conv3x3 32 -> 64 at 16x16 over 256 samples, 0.55 against 1.43 ms for
+  resnet16's 16 -> 16 at 32x32 over 8.
   """
-  n, c, f = x_BxHxWxC.shape[0], x_BxHxWxC.shape[-1], dy_BxHxWxF.shape[-1]
-  patches_of_dy = stride == 1 and 2 * padding == kernel - 1 and f < c
-  rows = dy_BxHxWxF.shape[1] * dy_BxHxWxF.shape[2]
-  cols = kernel * kernel * (f if patches_of_dy else c)
-  chunk = _chunk_size(n, _WEIGHT_GRAD_CHUNK_BYTES // (4 * rows * cols))
-  x = _chunked(x_BxHxWxC, chunk)  # zero samples of padding add nothing to the sum
-  dy = _chunked(dy_BxHxWxF, chunk)
-
-  def add_chunk(acc, chunk_xy):
-    xc, dyc = chunk_xy
-    if patches_of_dy:
-      return acc + jnp.dot(xc.reshape(-1, c).T,
-                           im2col(dyc, kernel, 1, padding).reshape(-1, cols)), None
-    return acc + jnp.dot(im2col(xc, kernel, stride, padding).reshape(-1, cols).T,
-                         dyc.reshape(-1, f)), None
-
-  shape = (c, cols) if patches_of_dy else (cols, f)
-  acc, _ = jax.lax.scan(add_chunk, jnp.zeros(shape, jnp.result_type(x, dy)), (x, dy))
-  if patches_of_dy:  # acc[c, (u_h, u_w, f)] with u = K - 1 - tap
-    acc = acc.reshape(c, kernel, kernel, f)[:, ::-1, ::-1, :]
-    return acc.transpose(1, 2, 0, 3)
-  return acc.reshape(kernel, kernel, c, f)
+  h, w = x_BxHxWxC.shape[1:3]
+  ho, wo = dy_BxHoxWoxF.shape[1:3]
+  # High padding: the window's reach past the input (negative where a stride skips
+  # the input's last rows).
+  pads = [(padding, kernel - 1 + (o - 1) * stride + 1 - n - padding)
+          for n, o in ((h, ho), (w, wo))]
+  dw_CxKxKxF = jax.lax.conv_general_dilated(
+      x_BxHxWxC.transpose(3, 1, 2, 0), dy_BxHoxWoxF.transpose(1, 2, 0, 3), (1, 1), pads,
+      rhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return dw_CxKxKxF.transpose(1, 2, 0, 3)
 
 
 def _forward(x, kernel, stride, padding):
-  """The one-client forward on the CPU: XLA's convolution (`chunked_conv2d` for few
-  input channels)."""
+  """The one-client forward on the CPU: XLA's convolution."""
   # The barrier materialises x: fused into the convolution, its producer (a pooling,
   # a ReLU) would be recomputed for every tap that reads it.
   x = jax.lax.optimization_barrier(x)
-  k, _, c, _ = kernel.shape
-  if k * k * c <= _SMALL_CONTRACTION:
-    return chunked_conv2d(x, kernel, stride, padding)
   return lax_conv2d(x, kernel, stride, padding)
 
 
@@ -165,12 +148,48 @@ def _input_grad(dy, kernel, x_hwc, stride, padding):
     # took a generic path several times slower (1.6 s vs 0.45 s for conv3x3 64 -> 32
     # at 16x16 over 8000 samples).
     return lax_conv2d(dy, kernel[::-1, ::-1].transpose(0, 1, 3, 2), 1, padding)
-  # Strided: XLA's own transpose (an input-dilated convolution). Spreading dy out by
-  # zeros first and convolving undilated measured slower still in the whole round
-  # (resnet16's server stage-3 conv, 80 samples: 45 ms against 2.4 ms).
-  x = jax.ShapeDtypeStruct((dy.shape[0],) + x_hwc, dy.dtype)
-  (dx,) = jax.linear_transpose(lambda x: lax_conv2d(x, kernel, stride, padding), x)(dy)
-  return dx
+  return _strided_input_grad(dy, kernel, x_hwc, stride, padding)
+
+
+def _phase_taps(kernel: int, stride: int, padding: int) -> list[list[tuple[int, int]]]:
+  """Per input phase r (rows s m + r), the (dy offset a, kernel tap t) pairs through
+  which y[m + a] reads x[s m + r]: t = r + padding - s a, 0 <= t < kernel."""
+  return [[(a, r + padding - stride * a) for a in range(-kernel, kernel + 1)
+           if 0 <= r + padding - stride * a < kernel] for r in range(stride)]
+
+
+def _strided_input_grad(dy_BxHoxWoxF, kernel_KxKxCxF, x_hwc, stride, padding):
+  """The input gradient of a strided convolution as one stride-1 convolution of dy
+  whose output channels are the stride x stride input phases, then depth to space:
+  dx[s m + r] = sum_a dy[m + a] w[r + pad - s a].
+
+  XLA's own transpose is an input-dilated convolution, which XLA:CPU runs on a generic
+  path: resnet16's stage-2 conv1 (16 -> 32, stride 2, 8 samples) took 2.3 ms a client
+  that way. Spreading dy out by zeros and convolving was slower still (XLA folds the
+  spreading back). The phase kernel holds zeros where a phase has fewer taps (16 taps
+  for a 3x3 kernel's 9), cheap at these sizes.
+  """
+  k, _, c, f = kernel_KxKxCxF.shape
+  h, w, _ = x_hwc
+  taps = _phase_taps(k, stride, padding)
+  offsets = [a for phase in taps for a, _ in phase]
+  lo, span = min(offsets), max(offsets) - min(offsets) + 1
+  kernel_AxAxFxSxSxC = jnp.zeros((span, span, f, stride, stride, c), kernel_KxKxCxF.dtype)
+  for rh, phase_h in enumerate(taps):
+    for rw, phase_w in enumerate(taps):
+      for ah, th in phase_h:
+        for aw, tw in phase_w:
+          kernel_AxAxFxSxSxC = kernel_AxAxFxSxSxC.at[ah - lo, aw - lo, :, rh, rw, :].set(
+              kernel_KxKxCxF[th, tw].T)
+  m_h, m_w = -(-h // stride), -(-w // stride)  # rows and columns of each phase
+  ho, wo = dy_BxHoxWoxF.shape[1:3]
+  pads = [(-lo, m - 1 + lo + span - 1 - (o - 1)) for m, o in ((m_h, ho), (m_w, wo))]
+  phases = jax.lax.conv_general_dilated(
+      dy_BxHoxWoxF, kernel_AxAxFxSxSxC.reshape(span, span, f, stride * stride * c),
+      (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  b = dy_BxHoxWoxF.shape[0]
+  dx = phases.reshape(b, m_h, m_w, stride, stride, c).transpose(0, 1, 3, 2, 4, 5)
+  return dx.reshape(b, m_h * stride, m_w * stride, c)[:, :h, :w, :]
 
 
 def _fold(a, batched: bool):
@@ -296,7 +315,7 @@ def _first_max(v0, v1, v2, v3):
 
 
 def _chunk_of_windows(n: int, h: int, w: int, c: int) -> int:
-  return _chunk_size(n, _WEIGHT_GRAD_CHUNK_BYTES // (4 * (h // 2) * (w // 2) * 16 * c))
+  return _chunk_size(n, _CHUNK_BYTES // (4 * (h // 2) * (w // 2) * 16 * c))
 
 
 def _pool_conv_forward(x, kernel):
@@ -368,6 +387,11 @@ def _cpu_pool_conv():
 def pooled_conv3x3(x_BxHxWxC: jax.Array, kernel_3x3xCxF: jax.Array) -> jax.Array:
   """max_pool2(conv3x3(x, kernel, padding 1)) as `_cpu_pool_conv` (H and W even)."""
   return _cpu_pool_conv()(x_BxHxWxC, kernel_3x3xCxF)
+
+
+# The fused conv + pool pays where the contraction k*k*C is this small (an image's 3
+# channels): there the convolution is bound by memory, not arithmetic.
+_SMALL_CONTRACTION = 32
 
 
 def _fuses_pool(x_shape, kernel_shape, stride: int, padding: int) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax
 import flax.linen as nn
 
+from lfmjax.models.batch_norm import BatchNorm
 from lfmjax.models.layers import AuxHead, Decoder, conv_layer, he_normal_fan_out, torch_dense
 from lfmjax.models.util import SplitModel
 
@@ -38,8 +39,8 @@ def conv(features: int, kernel: int, stride: int, impl: str, name: str) -> nn.Mo
                     use_bias=False, kernel_init=he_normal_fan_out, impl=impl, name=name)
 
 
-def batch_norm(train: bool, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+def batch_norm(train: bool, name: str) -> BatchNorm:
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                       name=name)
 
 

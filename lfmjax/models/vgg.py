@@ -21,6 +21,7 @@ from typing import Sequence
 import jax
 import flax.linen as nn
 
+from lfmjax.models.batch_norm import BatchNorm
 from lfmjax.models.layers import (AuxHead, Decoder, conv_layer, flatten, max_pool2,
                                   torch_conv, torch_dense)
 from lfmjax.models.util import SplitModel
@@ -36,7 +37,7 @@ def conv_bn_relu(x: jax.Array, features: int, batch_norm: bool, train: bool,
   if not batch_norm:
     return nn.relu(torch_conv(features, x, impl=impl, name=name)(x))
   x = conv_layer(features, kernel=3, padding=1, use_bias=False, impl=impl, name=name)(x)
-  x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+  x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                    name=f"{name}_bn")(x)
   return nn.relu(x)
 
