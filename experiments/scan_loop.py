@@ -50,8 +50,8 @@ def main():
   parts = lfmjax.data.make_partition("iid", ds.train_y, clients, seed=0)
   data = lfmjax.make_data(ds.train_x, ds.train_y, *lfmjax.data.client_table(parts))
   cfg = lfmjax.RoundConfig(num_clients=clients, batch_size=32, num_classes=10,
-                           client_optimizer="adam", client_lr=1e-3,
-                           server_optimizer="adam", server_lr=1e-3)
+                           client_opt=lfmjax.OptimizerSpec("adam", 1e-3),
+                           server_opt=lfmjax.OptimizerSpec("adam", 1e-3))
   model = lfmjax.SplitModel(lower=Lower(), upper=Upper(), decoder=Decoder(),
                             aux_head=lfmjax.models.AuxHead(10), name="split_mlp")
   state = lfmjax.init_state(cfg, model, jax.random.PRNGKey(0), jnp.zeros((32, 28, 28, 1)))

@@ -28,14 +28,15 @@ from lfmjax.evaluate import make_evaluate, pad_to_chunks
 from lfmjax.mesh import jit_sharded, make_mesh, make_placement, padded_round, put_global
 from lfmjax.models import SplitModel, get_model
 from lfmjax.models.patch_conv import compiler_options
+from lfmjax.optim import OptimizerSpec, make_optimizer, make_schedule
 from lfmjax.round import make_multi_step, make_round_step
 from lfmjax.state import RoundData, RoundState, init_state, make_data
 
 __all__ = [
-    "ALGORITHMS", "RoundConfig", "RoundData", "RoundState", "SplitModel", "compiler_options",
+    "ALGORITHMS", "OptimizerSpec", "RoundConfig", "RoundData", "RoundState", "SplitModel", "compiler_options",
     "data",
     "get_model", "init_state", "jit_sharded", "make_data", "make_evaluate", "make_mesh",
-    "make_multi_step", "make_placement", "make_round_step", "mesh", "pad_to_chunks",
-    "padded_round", "put_global", "round_config_from",
+    "make_multi_step", "make_optimizer", "make_placement", "make_round_step", "mesh", "pad_to_chunks",
+    "make_schedule", "padded_round", "put_global", "round_config_from",
 ]
 __version__ = "0.1.0"

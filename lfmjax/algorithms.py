@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import optax
+
 from lfmjax.data import preprocess
+from lfmjax.optim import OptimizerSpec
 
 # Each algorithm: its component switches (`None` in a config means "the algorithm's")
 # and its structure, which no switch changes:
@@ -58,7 +61,6 @@ SWITCH_HELP: dict[str, str] = {
     "gradmix": "GradMix: a random fraction gradmix_fraction (phi) of clients gets their mean gradient",
 }
 
-OPTIMIZERS = ("sgd", "adam")
 NORMALIZATIONS = ("none", "pm1", "standard")
 
 
@@ -90,12 +92,12 @@ class RoundConfig:
   # Structure (see ALGORITHMS).
   server_mode: str = "shared"
   download: str = "own"
-  # Optimisers.
-  client_optimizer: str = "sgd"
-  client_lr: float = 0.01
-  server_optimizer: str = "sgd"
-  server_lr: float = 0.01
-  momentum: float = 0.0
+  # Optimisers: named by specs (`lfmjax.optim`), or any optax transformation, which
+  # replaces the spec of its side (`make_round_step(..., client_tx=...)`).
+  client_opt: OptimizerSpec = OptimizerSpec()
+  server_opt: OptimizerSpec = OptimizerSpec()
+  client_tx: optax.GradientTransformation | None = None
+  server_tx: optax.GradientTransformation | None = None
   # Input pipeline, applied on the device to the uint8 batch.
   resize_to: int | None = None
   channels: int | None = None
@@ -126,11 +128,21 @@ class RoundConfig:
     is one step on the delta-weighted sum of their gradients: sum_k d_k (w - eta g_k)
     = w - eta sum_k d_k g_k. The round then runs every client's forward and backward
     with one set of weights, unchanged results (to float rounding), and no per-client
-    weight copies in the arithmetic. Adam is not linear in the gradient: no shortcut.
+    weight copies in the arithmetic. Adam is not linear in the gradient, nor is
+    clipping: no shortcut; nor for a user's optax transformation, which declares nothing.
     """
+    opt = self.client_opt
+    momentum_averaged = (opt.name in ("sgd", "momentum") and opt.grad_clip_norm is None
+                         and self.fedavg_opt_state)
     return (self.shared_clients_shortcut and self.fedavg and self.fedavg_every == 1
-            and self.server_mode != "relay" and self.client_optimizer == "sgd"
-            and (self.momentum == 0.0 or self.fedavg_opt_state))
+            and self.server_mode != "relay" and self.client_tx is None
+            and (opt.linear or momentum_averaged))
+
+  @property
+  def server_updates_per_iteration(self) -> int:
+    """Server optimiser steps an iteration: one per client where it steps client by
+    client (SFL-V2, SL), else one."""
+    return self.num_clients if self.server_mode in ("sequential", "relay") else 1
 
   @property
   def num_gradmix(self) -> int:
@@ -161,7 +173,9 @@ def round_config_from(config: Any, num_classes: int) -> RoundConfig:
   server_lr = config.server_lr
   if server_lr is None:  # SGLR's SplitLr: eta_s = eta_c * C ** alpha_lr
     server_lr = config.client_lr * config.num_clients ** config.server_lr_exponent
-  server_optimizer = config.server_optimizer or config.client_optimizer
+  server_mode = algorithm["server"]
+  server_steps = config.num_iterations * (
+      config.num_clients if server_mode in ("sequential", "relay") else 1)
   return RoundConfig(
       num_clients=config.num_clients,
       batch_size=config.batch_size,
@@ -179,16 +193,28 @@ def round_config_from(config: Any, num_classes: int) -> RoundConfig:
       fedavg_opt_state=config.fedavg_opt_state,
       gradmix=switches["gradmix"],
       gradmix_fraction=config.gradmix_fraction,
-      server_mode=algorithm["server"],
+      server_mode=server_mode,
       download=algorithm["download"],
-      client_optimizer=config.client_optimizer,
-      client_lr=config.client_lr,
-      server_optimizer=server_optimizer,
-      server_lr=float(server_lr),
-      momentum=config.momentum,
+      client_opt=optimizer_spec(config, "client", config.client_lr, config.num_iterations),
+      server_opt=optimizer_spec(config, "server", float(server_lr), server_steps),
       resize_to=config.input.resize_to,
       channels=config.input.channels,
       normalize=config.input.normalize,
       mean=tuple(config.input.mean) if config.input.mean else None,
       std=tuple(config.input.std) if config.input.std else None,
   )
+
+
+def optimizer_spec(config: Any, side: str, learning_rate: float, total_steps: int
+                   ) -> OptimizerSpec:
+  """One side's OptimizerSpec from the config: the server's fields, where None, are
+  the client's."""
+  def field(name):
+    value = config.get(f"server_{name}") if side == "server" else None
+    return config.get(f"client_{name}") if value is None else value
+  return OptimizerSpec(
+      name=field("optimizer"), learning_rate=learning_rate, momentum=config.momentum,
+      weight_decay=config.weight_decay, grad_clip_norm=config.grad_clip_norm,
+      schedule=field("schedule"), total_steps=max(1, total_steps),
+      warmup_fraction=config.warmup_fraction,
+      decay_fractions=tuple(config.decay_fractions), decay_factor=config.decay_factor)

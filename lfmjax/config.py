@@ -50,12 +50,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.fedavg_opt_state = False         # average client optimiser states too
   c.gradmix_fraction = 0.5           # phi, fraction of clients whose gradients are mixed
   # --- optimisation ---
-  c.client_optimizer = "sgd"         # sgd | adam
-  c.client_lr = 0.01                 # eta_c
+  c.client_optimizer = "sgd"         # sgd | momentum | adam | adamw
+  c.client_lr = 0.01                 # eta_c, the peak of the schedule
+  c.client_schedule = "constant"     # constant | cosine | warmup_cosine | step
   c.server_optimizer = config_dict.placeholder(str)  # None: client_optimizer
   c.server_lr = config_dict.placeholder(float)  # None: client_lr * C ** server_lr_exponent
-  c.server_lr_exponent = 0.0         # SGLR's SplitLr alpha_lr
-  c.momentum = 0.0                   # SGD momentum (both sides)
+  c.server_lr_exponent = 0.0         # SGLR's SplitLr alpha_lr (a scale on the schedule)
+  c.server_schedule = config_dict.placeholder(str)  # None: client_schedule
+  c.momentum = 0.0                   # SGD momentum, both sides (momentum: 0 means 0.9)
+  c.weight_decay = 0.0               # decoupled for adamw, added to the gradient else
+  c.grad_clip_norm = config_dict.placeholder(float)  # clip by global norm; None: off
+  c.warmup_fraction = 0.05           # warmup_cosine: share of the run warming up
+  c.decay_fractions = (0.8,)         # step: where the rate drops (fractions of the run)
+  c.decay_factor = 0.1               # step: the factor at each drop
   # --- simulated latency (SPEC: communication and latency) ---
   c.client_flops_per_s = 1e10        # a client's compute rate (10 GFLOP/s)
   c.server_flops_per_s = 1e13        # the server's compute rate (10 TFLOP/s)

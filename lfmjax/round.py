@@ -37,8 +37,10 @@ from lfmjax.algorithms import RoundConfig
 from lfmjax.data import batch_indices
 from lfmjax.models import SplitModel, apply_module, has_stem
 from lfmjax.models.patch_conv import compiler_options, kernel_backend
+from lfmjax.optim import learning_rate_at
 from lfmjax.state import (ClientState, RoundData, RoundState, ServerState,
-                          client_optimizer, server_optimizer, stack_clients)
+                          client_optimizer, server_optimizer, stack_clients,
+                          with_optimizers)
 
 CLIENTS = "clients"  # the mesh axis the clients are split over (lfmjax.mesh)
 
@@ -474,8 +476,22 @@ def make_client_update(cfg: RoundConfig):
   return client_update
 
 
+def learning_rates(cfg: RoundConfig, step) -> dict[str, jax.Array]:
+  """The scheduled rates this iteration applies, for the sides whose optimiser is a
+  spec (a user's optax transformation declares none): `lr_client`, `lr_server`."""
+  rates = {}
+  if cfg.client_tx is None:
+    rates["lr_client"] = learning_rate_at(cfg.client_opt, step)
+  if cfg.server_tx is None:
+    rates["lr_server"] = learning_rate_at(cfg.server_opt,
+                                          step * cfg.server_updates_per_iteration)
+  return rates
+
+
 def make_round_step(cfg: RoundConfig, model: SplitModel, *, jit: bool = True,
-                    mesh: Mesh | None = None
+                    mesh: Mesh | None = None,
+                    client_tx: optax.GradientTransformation | None = None,
+                    server_tx: optax.GradientTransformation | None = None
                     ) -> Callable[[RoundState, RoundData], tuple[RoundState, dict]]:
   """Returns `round_step(state, data) -> (state, metrics)`: one iteration, all clients.
 
@@ -483,7 +499,10 @@ def make_round_step(cfg: RoundConfig, model: SplitModel, *, jit: bool = True,
   traced once for a run, since nothing in it depends on Python values of the state.
   `mesh`: the devices the clients are split over (`lfmjax.mesh`), if several; on the
   CPU the per-client loops then run per device (`map_clients`).
+  `client_tx`/`server_tx`: optax transformations in place of the config's optimiser
+  specs (pass the same to `init_state`).
   """
+  cfg = with_optimizers(cfg, client_tx, server_tx)
   if cfg.server_mode == "relay":
     round_step = make_relay_round(cfg, model)
   else:
@@ -589,7 +608,8 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None =
         new_server = jax.lax.cond(do_average, average_server, lambda c, w: c,
                                   new_server, data.weights_C)
 
-    metrics = {**server_metrics, "loss_local": loss_local, "loss_aux": loss_aux}
+    metrics = {**server_metrics, "loss_local": loss_local, "loss_aux": loss_aux,
+               **learning_rates(cfg, state.step)}
     new_state = RoundState(step=state.step + 1, key=state.key, clients=new_clients,
                            server=new_server)
     return new_state, metrics
@@ -632,7 +652,7 @@ def make_relay_round(cfg: RoundConfig, model: SplitModel):
     w = data.weights_C
     metrics = {"loss_real": jnp.sum(w * loss_C), "loss_mix": jnp.zeros(()),
                "train_accuracy": jnp.mean(acc_C), "loss_local": jnp.sum(w * local_C),
-               "loss_aux": jnp.sum(w * aux_C)}
+               "loss_aux": jnp.sum(w * aux_C), **learning_rates(cfg, state.step)}
     new_state = RoundState(step=state.step + 1, key=state.key,
                            clients=ClientState(params, stats, opt_state), server=new_server)
     return new_state, metrics

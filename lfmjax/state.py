@@ -7,6 +7,7 @@ WWW 2022).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -18,6 +19,7 @@ import optax
 from lfmjax.algorithms import RoundConfig
 from lfmjax.data import client_weights
 from lfmjax.models import SplitModel, init_split
+from lfmjax.optim import make_optimizer
 
 CLIENT_MODULES = ("lower", "decoder", "aux_head")
 
@@ -56,21 +58,20 @@ class RoundData:
   weights_C: jax.Array  # float32 delta_k = |D_k| / sum_j |D_j|
 
 
-def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0):
-  """An optax optimiser by name: SGD (with optional momentum) or Adam."""
-  if name == "sgd":
-    return optax.sgd(learning_rate, momentum=momentum or None)
-  if name == "adam":
-    return optax.adam(learning_rate)
-  raise ValueError(f"optimizer {name!r} is unknown; use 'sgd' or 'adam'")
+def client_optimizer(cfg: RoundConfig) -> optax.GradientTransformation:
+  """The clients' transformation: the user's, else the one `cfg.client_opt` names."""
+  return cfg.client_tx if cfg.client_tx is not None else make_optimizer(cfg.client_opt)
 
 
-def client_optimizer(cfg: RoundConfig):
-  return make_optimizer(cfg.client_optimizer, cfg.client_lr, cfg.momentum)
+def server_optimizer(cfg: RoundConfig) -> optax.GradientTransformation:
+  return cfg.server_tx if cfg.server_tx is not None else make_optimizer(cfg.server_opt)
 
 
-def server_optimizer(cfg: RoundConfig):
-  return make_optimizer(cfg.server_optimizer, cfg.server_lr, cfg.momentum)
+def with_optimizers(cfg: RoundConfig, client_tx=None, server_tx=None) -> RoundConfig:
+  """cfg with the given optax transformations in place of its specs' (None: kept)."""
+  changes = {k: v for k, v in (("client_tx", client_tx), ("server_tx", server_tx))
+             if v is not None}
+  return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def split_variables(variables: dict) -> tuple[Any, dict]:
@@ -96,11 +97,15 @@ def make_data(train_x: np.ndarray, train_y: np.ndarray, idx_CxM: np.ndarray,
 
 
 def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,
-               x_example: jax.Array) -> RoundState:
+               x_example: jax.Array, *, client_tx: optax.GradientTransformation | None = None,
+               server_tx: optax.GradientTransformation | None = None) -> RoundState:
   """The initial state: every client holds the same freshly initialised segments.
 
   `x_example` is one model-input batch (B x H x W x C, float) used only for shapes.
+  `client_tx`/`server_tx`: optax transformations in place of the config's (pass the
+  same to `make_round_step`).
   """
+  cfg = with_optimizers(cfg, client_tx, server_tx)
   key_model, key_run = jax.random.split(key)
   variables = init_split(model, key_model, x_example)
   client_params, client_stats = {}, {}

@@ -31,6 +31,7 @@ from lfmjax.data.datasets import canonical_name
 from lfmjax.evaluate import eval_client_ids, make_evaluate, pad_to_chunks
 from lfmjax.models import MODEL_NAMES, get_model
 from lfmjax.models.patch_conv import compiler_options
+from lfmjax.optim import OPTIMIZERS, SCHEDULES
 from lfmjax.mesh import (Placement, jit_sharded, make_mesh, make_placement, pad_data,
                          pad_state, padded_num_clients, padded_round, put_global,
                          real_clients)
@@ -65,10 +66,21 @@ def validate(config) -> None:
   need(config.partition in PARTITIONS, "partition", f"use one of {', '.join(PARTITIONS)}")
   need(config.num_clients >= 1, "num_clients", "must be at least 1")
   need(config.batch_size >= 1, "batch_size", "must be at least 1")
-  need(config.client_optimizer in algorithms.OPTIMIZERS, "client_optimizer",
-       f"use one of {', '.join(algorithms.OPTIMIZERS)}")
-  need(config.server_optimizer in (None, *algorithms.OPTIMIZERS), "server_optimizer",
-       f"use one of {', '.join(algorithms.OPTIMIZERS)} (or leave unset)")
+  need(config.client_optimizer in OPTIMIZERS, "client_optimizer",
+       f"use one of {', '.join(OPTIMIZERS)}")
+  need(config.server_optimizer in (None, *OPTIMIZERS), "server_optimizer",
+       f"use one of {', '.join(OPTIMIZERS)} (or leave unset)")
+  need(config.client_schedule in SCHEDULES, "client_schedule",
+       f"use one of {', '.join(SCHEDULES)}")
+  need(config.server_schedule in (None, *SCHEDULES), "server_schedule",
+       f"use one of {', '.join(SCHEDULES)} (or leave unset)")
+  need(0.0 <= config.weight_decay < math.inf, "weight_decay", "must be >= 0")
+  need(config.grad_clip_norm is None or positive(config.grad_clip_norm), "grad_clip_norm",
+       "the clipping norm must be a positive number (or leave it unset)")
+  need(0.0 <= config.warmup_fraction < 1.0, "warmup_fraction", "must be in [0, 1)")
+  need(all(0.0 < f < 1.0 for f in config.decay_fractions), "decay_fractions",
+       "each drop must lie in (0, 1), a fraction of the run")
+  need(0.0 < config.decay_factor < math.inf, "decay_factor", "must be positive")
   need(known_dataset(config.dataset), "dataset", "use fashion_mnist or cifar10")
   need(positive(config.client_lr), "client_lr", "the learning rate must be a positive number")
   need(config.server_lr is None or positive(config.server_lr), "server_lr",
@@ -181,8 +193,8 @@ class MetricsWriter:
   """Appends JSON lines to metrics.jsonl and evaluation rows to eval.csv."""
 
   EVAL_FIELDS = ("iteration", "epoch", "test_accuracy", "test_loss", "loss_real",
-                 "loss_mix", "loss_local", "loss_aux", "train_accuracy", "bytes_up",
-                 "bytes_down", "latency_s", "wall_s")
+                 "loss_mix", "loss_local", "loss_aux", "train_accuracy", "lr_client",
+                 "lr_server", "bytes_up", "bytes_down", "latency_s", "wall_s")
 
   def __init__(self, workdir: str | None):
     self.workdir = workdir

@@ -135,11 +135,13 @@ def test_round_compiles_without_ynnpack_convolutions():
   """`compiler_options()` reaches the round's jit: no YNNPACK fusion (the slow
   convolutions on this CPU) in the compiled program, where a plain jit has some."""
   from lfmjax.algorithms import RoundConfig
+  from lfmjax.optim import OptimizerSpec
   from lfmjax.models import get_model
   from lfmjax.round import make_round_step
   from lfmjax.state import init_state, make_data
   import numpy as np
-  cfg = RoundConfig(num_clients=2, batch_size=4, num_classes=10, client_optimizer="adam")
+  cfg = RoundConfig(num_clients=2, batch_size=4, num_classes=10,
+                    client_opt=OptimizerSpec("adam", 1e-3))
   model = get_model("bench_cnn", num_classes=10, input_shape=(16, 16, 3))
   state = init_state(cfg, model, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   data = make_data(np.zeros((16, 16, 16, 3), np.uint8), np.zeros(16, np.int32),

@@ -22,6 +22,7 @@ import lfmjax
 import lfmjax.round
 from lfmjax import components
 from lfmjax.algorithms import RoundConfig
+from lfmjax.optim import OptimizerSpec
 from lfmjax.data import batch_indices
 from lfmjax.models import AuxHead, SplitModel
 
@@ -72,9 +73,13 @@ def make_data(sizes=(12, 8, 16), seed=0):
   return lfmjax.make_data(train_x, train_y, idx, sizes_c)
 
 
+def sgd_spec(lr, **kw):
+  return OptimizerSpec("sgd", lr, **kw)
+
+
 def make_cfg(**kw):
-  base = dict(num_clients=C, batch_size=B, num_classes=N_CLS, client_lr=0.05,
-              server_lr=0.1, mixup_alpha=2.0, num_mixed=2)
+  base = dict(num_clients=C, batch_size=B, num_classes=N_CLS, client_opt=sgd_spec(0.05),
+              server_opt=sgd_spec(0.1), mixup_alpha=2.0, num_mixed=2)
   base.update(kw)
   return RoundConfig(**base)
 
@@ -166,7 +171,7 @@ def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
   auxs = per_client(state.clients.params["aux_head"])
   xs = [jnp.asarray(data.train_x)[idx[k]].astype(jnp.float32) / 255.0 for k in range(C)]
   ys = [jnp.asarray(data.train_y)[idx[k]] for k in range(C)]
-  lr_c, lr_s = cfg.client_lr, cfg.server_lr
+  lr_c, lr_s = cfg.client_opt.learning_rate, cfg.server_opt.learning_rate
   losses = [0.0] * C
 
   if cfg.server_mode == "relay":  # vanilla SL: one client after another
@@ -337,11 +342,15 @@ def test_client_group_size():
 
 def test_shared_clients_shortcut_equals_per_client_path():
   """The FedAvg shortcut against lfmjax's own per-client path, momentum included."""
-  cfg = algorithm_cfg("locfedmix", momentum=0.9, fedavg_opt_state=True)
+  cfg = algorithm_cfg("locfedmix", client_opt=sgd_spec(0.05, momentum=0.9),
+                      server_opt=sgd_spec(0.1, momentum=0.9), fedavg_opt_state=True)
   assert cfg.clients_shared
   plain = dataclasses.replace(cfg, shared_clients_shortcut=False)
   assert not plain.clients_shared
-  assert not dataclasses.replace(cfg, client_optimizer="adam").clients_shared
+  assert not dataclasses.replace(cfg, client_opt=OptimizerSpec("adam", 1e-3)).clients_shared
+  assert not dataclasses.replace(
+      cfg, client_opt=sgd_spec(0.05, grad_clip_norm=1.0)).clients_shared
+  assert not dataclasses.replace(cfg, client_tx=optax.sgd(0.05)).clients_shared
   assert not dataclasses.replace(cfg, fedavg_every=2).clients_shared
   assert not dataclasses.replace(cfg, fedavg_opt_state=False).clients_shared
   data = make_data()
@@ -358,12 +367,11 @@ def test_shared_clients_shortcut_equals_per_client_path():
 
 
 def test_adam_round_equals_reference_with_optax():
-  cfg = algorithm_cfg("psl", client_optimizer="adam", server_optimizer="adam",
-                      client_lr=1e-2, server_lr=1e-2)
+  cfg = algorithm_cfg("psl", client_opt=OptimizerSpec("adam", 1e-2),
+                      server_opt=OptimizerSpec("adam", 1e-2))
   data = make_data()
   state = init(cfg)
-  sgd_cfg = dataclasses.replace(cfg, client_optimizer="sgd", server_optimizer="sgd",
-                                client_lr=1.0, server_lr=1.0)
+  sgd_cfg = dataclasses.replace(cfg, client_opt=sgd_spec(1.0), server_opt=sgd_spec(1.0))
   # With lr=1 SGD, (old - new) is the gradient: recover the reference gradients.
   ref, _ = reference_step(sgd_cfg, jax.tree.map(jnp.array, state), data)
   old = jax.tree.map(jnp.array, engine_params(state))  # state is donated below
