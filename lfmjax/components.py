@@ -91,14 +91,42 @@ def smashmix(key: jax.Array, s_CxBxS: jax.Array, y_CxB: jax.Array, num_classes: 
   return jax.vmap(per_client)(keys_CxN, s_CxBxS, y_CxB, partner_CxN)
 
 
+def _per_client(weights_C: jax.Array, a_Cx: jax.Array) -> jax.Array:
+  return weights_C.astype(a_Cx.dtype).reshape((-1,) + (1,) * (a_Cx.ndim - 1))
+
+
 def scale_clients(weights_C: jax.Array, a_Cx: jax.Array) -> jax.Array:
-  """w_k * a_k for every client k (the weights broadcast over a's other axes)."""
-  return weights_C.astype(a_Cx.dtype).reshape((-1,) + (1,) * (a_Cx.ndim - 1)) * a_Cx
+  """w_k * a_k for every client k (the weights broadcast over a's other axes); exactly
+  0 for a client of weight 0, whatever its values (NaN included): a client without
+  data contributes nothing."""
+  w = _per_client(weights_C, a_Cx)
+  return jnp.where(w > 0, w * a_Cx, jnp.zeros_like(a_Cx))
+
+
+def weighted_sum(weights_C: jax.Array, a_Cx: jax.Array) -> jax.Array:
+  """sum_k w_k a_k over the leading client axis (`scale_clients`)."""
+  return jnp.sum(scale_clients(weights_C, a_Cx), axis=0)
+
+
+def per_weight(weights_C: jax.Array, a_Cx: jax.Array) -> jax.Array:
+  """a_k / w_k for every client, 0 where w_k = 0 (no division by zero)."""
+  w = _per_client(weights_C, a_Cx)
+  return jnp.where(w > 0, a_Cx / jnp.where(w > 0, w, 1), jnp.zeros_like(a_Cx))
+
+
+def only_present(weights_C: jax.Array, a_Cx: jax.Array) -> jax.Array:
+  """a with the rows of weight-0 clients zeroed: what the server receives from them."""
+  return jnp.where(_per_client(weights_C, a_Cx) > 0, a_Cx, jnp.zeros_like(a_Cx))
+
+
+def select_tree(take_new: jax.Array, new, old):
+  """new where the scalar `take_new`, else old (a skipped turn of a weight-0 client)."""
+  return jax.tree.map(lambda a, b: jnp.where(take_new, a, b), new, old)
 
 
 def weighted_mean(tree_C, weights_C: jax.Array):
   """Tree-wise weighted mean over the leading client axis: sum_k w_k leaf_k."""
-  return jax.tree.map(lambda leaf: jnp.sum(scale_clients(weights_C, leaf), axis=0), tree_C)
+  return jax.tree.map(lambda leaf: weighted_sum(weights_C, leaf), tree_C)
 
 
 def fedavg(tree_C, weights_C: jax.Array):

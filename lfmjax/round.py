@@ -226,7 +226,7 @@ def make_shared_client_phase(cfg: RoundConfig, model: SplitModel, split: bool = 
 
     def weighted_loss(module, loss_fn, s_C, p, head_stats, target_C):
       out_C, stats_C = apply_to_clients(module, p, head_stats, s_C)
-      return jnp.sum(weights_C * jax.vmap(loss_fn)(out_C, target_C)), stats_C
+      return components.weighted_sum(weights_C, jax.vmap(loss_fn)(out_C, target_C)), stats_C
 
     ds_local, head_grads, head_stats_C, used = local_term_gradients(
         terms, jax.lax.stop_gradient(s_CxBxS), params, stats, {"x01": x01, "y": y_CxB},
@@ -338,7 +338,7 @@ def make_server_loss(cfg: RoundConfig, model: SplitModel):
                            method=method)
     mix_loss_CxN = jax.vmap(jax.vmap(components.soft_cross_entropy))(
         mix_logits.reshape(num_clients, cfg.num_mixed, batch, -1), y_mix)
-    return jnp.sum(weights_C * mix_loss_CxN.mean(axis=1))
+    return components.weighted_sum(weights_C, mix_loss_CxN.mean(axis=1))
 
   def server_loss(params, stats, s_CxBxS, y_CxB, weights_C, key_mix):
     num_clients, batch = y_CxB.shape
@@ -356,7 +356,7 @@ def make_server_loss(cfg: RoundConfig, model: SplitModel):
       logits, new_stats = _apply(model.upper, params, stats, flat_s, train=True)
     logits_CxBxK = logits.reshape(num_clients, batch, -1)
     loss_C = jax.vmap(components.cross_entropy)(logits_CxBxK, y_CxB)
-    loss_real = jnp.sum(weights_C * loss_C)
+    loss_real = components.weighted_sum(weights_C, loss_C)
     correct = jnp.mean(jnp.argmax(logits_CxBxK, -1) == y_CxB)
     loss_mix = jnp.zeros(())
     if mix_after_stem:
@@ -413,25 +413,25 @@ def make_server_phase(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None = N
     updates, opt_state = opt_s.update(grads, server.opt_state, server.params)
     new_server = ServerState(optax.apply_updates(server.params, updates), stats, opt_state)
     # d(sum_j delta_j L_j)/ds_k / delta_k: the gradient of client k's own mean loss.
-    w_shape = (-1,) + (1,) * (ds_CxBxS.ndim - 1)
-    g = ds_CxBxS / weights_C.reshape(w_shape).astype(ds_CxBxS.dtype)
+    g = components.per_weight(weights_C, ds_CxBxS)
     return new_server, g, {"loss_real": loss_real, "loss_mix": loss_mix,
                            "train_accuracy": acc}
 
   def per_client(server, s_CxBxS, y_CxB, weights_C, key, step):
     new_server, (g, loss_C, acc_C) = map_clients(step_one, mesh)(server, s_CxBxS, y_CxB)
-    return new_server, g, {"loss_real": jnp.sum(weights_C * loss_C),
+    return new_server, g, {"loss_real": components.weighted_sum(weights_C, loss_C),
                            "loss_mix": jnp.zeros(()), "train_accuracy": jnp.mean(acc_C)}
 
   def sequential(server, s_CxBxS, y_CxB, weights_C, key, step):
     order_C = client_order(key, step, y_CxB.shape[0])
 
     def body(server, k):
-      return step_one(server, s_CxBxS[k], y_CxB[k])
+      stepped, out = step_one(server, s_CxBxS[k], y_CxB[k])
+      return components.select_tree(weights_C[k] > 0, stepped, server), out
 
     new_server, (g_in_order, loss_in_order, acc) = jax.lax.scan(body, server, order_C)
     g = jnp.zeros_like(g_in_order).at[order_C].set(g_in_order)
-    return new_server, g, {"loss_real": jnp.sum(weights_C[order_C] * loss_in_order),
+    return new_server, g, {"loss_real": components.weighted_sum(weights_C[order_C], loss_in_order),
                            "loss_mix": jnp.zeros(()), "train_accuracy": jnp.mean(acc)}
 
   return {"shared": shared, "per_client": per_client, "sequential": sequential}[
@@ -563,7 +563,8 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None =
         new_params, new_opt = map_clients(client_update, mesh)(
             clients.params, clients.opt_state, lower_vjp, g_CxBxS, ds_local, head_grads)
         return (ClientState(new_params, new_stats, new_opt),
-                jnp.sum(weights_C * loss_local_C), jnp.sum(weights_C * loss_aux_C))
+                components.weighted_sum(weights_C, loss_local_C),
+                components.weighted_sum(weights_C, loss_aux_C))
 
       return s_CxBxS, finish
 
@@ -583,8 +584,9 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None =
           from_groups, jax.lax.map(lambda a: clients_step(*a),
                                    (params_G, stats_G, opt_G, x_G, x01_G, y_G,
                                     to_groups(g_CxBxS))))
-      return (ClientState(new_params, new_stats, new_opt), jnp.sum(weights_C * loss_local_C),
-              jnp.sum(weights_C * loss_aux_C))
+      return (ClientState(new_params, new_stats, new_opt),
+              components.weighted_sum(weights_C, loss_local_C),
+              components.weighted_sum(weights_C, loss_aux_C))
 
     return s_CxBxS, finish
 
@@ -594,6 +596,7 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None =
   def round_step(state: RoundState, data: RoundData):
     x_model, x01, y_CxB = sample_batch(cfg, state, data)
     s_CxBxS, finish = clients_forward(state.clients, x_model, x01, y_CxB, data.weights_C)
+    s_CxBxS = components.only_present(data.weights_C, s_CxBxS)
     new_server, g_CxBxS, server_metrics = server_phase(
         state.server, s_CxBxS, y_CxB, data.weights_C, state.key, state.step)
     g_CxBxS = download(cfg, g_CxBxS, state.key, state.step)
@@ -635,24 +638,32 @@ def make_relay_round(cfg: RoundConfig, model: SplitModel):
 
     def body(carry, inputs):
       lower_params, lower_stats, server = carry
-      params, stats, opt_state, x, x01_k, y = inputs
-      params = {**params, "lower": lower_params}
-      stats = {**stats, "lower": lower_stats}
+      own_params, own_stats, own_opt, x, x01_k, y, w = inputs
+      params = {**own_params, "lower": lower_params}
+      stats = {**own_stats, "lower": lower_stats}
       s, lower_vjp, ds_local, head_grads, new_stats, loss_local, loss_aux = client_forward(
           params, stats, x, x01_k, y)
-      server, (g, loss_k, acc) = server_step(server, s, y)
-      params, opt_state = client_update(params, opt_state, lower_vjp, g, ds_local, head_grads)
-      return (params["lower"], new_stats["lower"], server), (
-          params, new_stats, opt_state, loss_k, acc, loss_local, loss_aux)
+      new_server, (g, loss_k, acc) = server_step(server, s, y)
+      new_params, opt_state = client_update(params, own_opt, lower_vjp, g, ds_local,
+                                            head_grads)
+      # A client of weight 0 (no data) skips its turn: the lower passes it unchanged
+      # (and is recorded in its slot, so the last slot always holds the latest lower).
+      present = w > 0
+      new_carry = components.select_tree(
+          present, (new_params["lower"], new_stats["lower"], new_server), carry)
+      outputs = components.select_tree(present, (new_params, new_stats, opt_state),
+                                       (params, stats, own_opt))
+      return new_carry, (*outputs, loss_k, acc, loss_local, loss_aux)
 
     carry = (last(clients.params["lower"]), last(clients.stats["lower"]), state.server)
     (_, _, new_server), (params, stats, opt_state, loss_C, acc_C, local_C, aux_C) = (
         jax.lax.scan(body, carry, (clients.params, clients.stats, clients.opt_state,
-                                   x_model, x01, y_CxB)))
+                                   x_model, x01, y_CxB, data.weights_C)))
     w = data.weights_C
-    metrics = {"loss_real": jnp.sum(w * loss_C), "loss_mix": jnp.zeros(()),
-               "train_accuracy": jnp.mean(acc_C), "loss_local": jnp.sum(w * local_C),
-               "loss_aux": jnp.sum(w * aux_C), **learning_rates(cfg, state.step)}
+    metrics = {"loss_real": components.weighted_sum(w, loss_C), "loss_mix": jnp.zeros(()),
+               "train_accuracy": jnp.mean(acc_C),
+               "loss_local": components.weighted_sum(w, local_C),
+               "loss_aux": components.weighted_sum(w, aux_C), **learning_rates(cfg, state.step)}
     new_state = RoundState(step=state.step + 1, key=state.key,
                            clients=ClientState(params, stats, opt_state), server=new_server)
     return new_state, metrics

@@ -453,3 +453,42 @@ def test_round_vmapped_over_seeds_equals_each_seed_alone(name):
     chex.assert_trees_all_close(jax.tree.map(lambda a: a[s], stacked), state,
                                 atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(metrics["loss_real"][s], one_metrics["loss_real"], rtol=1e-5)
+
+
+# ------------------------------------------------------- clients without data (weight 0)
+@pytest.mark.parametrize("name", ["psl", "locfedmix", "sfl_v1", "sfl_v2", "sl", "sglr",
+                                  "locsplitfed"])
+def test_weight_zero_client_contributes_nothing(name):
+  """A client with no data (weight 0 through make_data) and NaN planted in its segments
+  changes nothing for the others: the run equals one where it holds normal values, and
+  nothing becomes NaN."""
+  cfg = algorithm_cfg(name, client_opt=OptimizerSpec("adam", 1e-2))
+  table = make_data(sizes=(12, 8, 4))  # client_table refuses empty clients: zero the size
+  data = lfmjax.make_data(table.train_x, table.train_y, table.idx_CxM, np.array([12, 8, 0]))
+  assert float(data.weights_C[2]) == 0.0
+  step = lfmjax.make_round_step(cfg, MODEL)
+
+  def run(poison):
+    state = init(cfg)
+    if poison:
+      nan = lambda tree: jax.tree.map(
+          lambda a: a.at[2].set(jnp.nan) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+      clients = nan(state.clients)
+      if name == "sl":  # the last slot's lower is the model handed on, not client 2's own
+        clients = clients.replace(
+            params={**clients.params, "lower": state.clients.params["lower"]},
+            stats={**clients.stats, "lower": state.clients.stats["lower"]})
+      state = state.replace(clients=clients)
+    for _ in range(3):
+      state, metrics = step(state, data)
+    return state, metrics
+
+  (poisoned, m_poisoned), (clean, m_clean) = run(True), run(False)
+  others = lambda s: (jax.tree.map(lambda a: a[:2], s.clients), s.server)
+  if name == "sl":  # the lower passes through client 2's slot unchanged
+    others = lambda s: (jax.tree.map(lambda a: a[:2], s.clients.params["decoder"]),
+                        s.server, jax.tree.map(lambda a: a[2], s.clients.params["lower"]))
+  chex.assert_tree_all_finite(others(poisoned))
+  chex.assert_tree_all_finite(m_poisoned)
+  chex.assert_trees_all_close(others(poisoned), others(clean))
+  chex.assert_trees_all_close(m_poisoned, m_clean)

@@ -39,6 +39,7 @@ def batch_indices(key: jax.Array, step: jax.Array | int, idx_CxM: jax.Array,
   start = jnp.asarray(step, jnp.int32) * batch
 
   def one_client(k, row_M, size):
+    size = jnp.maximum(size, 1)  # a client without data (weight 0) reads a padding entry
     pos_B = start + jnp.arange(batch, dtype=jnp.int32)
     epoch_B, p_B = pos_B // size, pos_B % size
     first = start // size
