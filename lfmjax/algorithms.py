@@ -62,6 +62,8 @@ SWITCH_HELP: dict[str, str] = {
 }
 
 NORMALIZATIONS = ("none", "pm1", "standard")
+SERVER_MODES = ("shared", "per_client", "sequential", "relay")
+DOWNLOADS = ("own", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,41 @@ class RoundConfig:
   normalize: str = "none"
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
+
+  def __post_init__(self):
+    """Refuses settings that cannot work or that the round would silently ignore."""
+    problems = [text for bad, text in (
+        (self.num_clients < 1, f"num_clients={self.num_clients} must be at least 1"),
+        (self.batch_size < 1, f"batch_size={self.batch_size} must be at least 1"),
+        (self.num_classes < 2, f"num_classes={self.num_classes} must be at least 2"),
+        (self.server_mode not in SERVER_MODES,
+         f"server_mode={self.server_mode!r} is unknown; use one of {', '.join(SERVER_MODES)}"),
+        (self.download not in DOWNLOADS,
+         f"download={self.download!r} is unknown; use one of {', '.join(DOWNLOADS)}"),
+        (self.local_loss_kind not in ("bce", "mse"),
+         f"local_loss_kind={self.local_loss_kind!r}: use 'bce' or 'mse'"),
+        (self.normalize not in NORMALIZATIONS,
+         f"normalize={self.normalize!r}: use one of {', '.join(NORMALIZATIONS)}"),
+        (self.fedavg_every < 1, f"fedavg_every={self.fedavg_every} (T_c) must be at least 1"),
+        (self.num_mixed < 1, f"num_mixed={self.num_mixed} (n_s) must be at least 1"),
+        (not self.mixup_alpha > 0, f"mixup_alpha={self.mixup_alpha} must be positive"),
+        (not 0.0 < self.gradmix_fraction <= 1.0,
+         f"gradmix_fraction={self.gradmix_fraction} (phi) must be in (0, 1]"),
+        (self.server_mode == "relay" and (self.fedavg or self.smashmix or self.gradmix),
+         "vanilla SL (server_mode='relay') hands one lower from client to client: no "
+         "fedavg, smashmix or gradmix"),
+        (self.smashmix and self.server_mode != "shared",
+         f"smashmix needs one shared server (server_mode='shared'), not "
+         f"{self.server_mode!r}"),
+        (self.download == "none" and self.local_ce_weight == 0.0,
+         "download='none' leaves the clients only the aux head: set local_ce_weight > 0"),
+        *((tx is not None and not (callable(getattr(tx, "init", None))
+                                   and callable(getattr(tx, "update", None))),
+           f"{side}_tx must be an optax.GradientTransformation")
+          for side, tx in (("client", self.client_tx), ("server", self.server_tx))),
+    ) if bad]
+    if problems:
+      raise ValueError(f"RoundConfig: {'; '.join(problems)}")
 
   def preprocess(self, x_uint8):
     """uint8 images -> (x_model, x01) with this run's resize, channels, normalisation."""
@@ -191,6 +228,7 @@ def round_config_from(config: Any, num_classes: int) -> RoundConfig:
       fedavg=switches["fed"],
       fedavg_every=config.fedavg_every,
       fedavg_opt_state=config.fedavg_opt_state,
+      shared_clients_shortcut=config.averaged_clients,
       gradmix=switches["gradmix"],
       gradmix_fraction=config.gradmix_fraction,
       server_mode=server_mode,

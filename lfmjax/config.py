@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mix_grad_to_clients = False      # let mixed samples' gradients reach the lowers
   c.fedavg_every = 1                 # T_c, iterations between FedAvgs
   c.fedavg_opt_state = False         # average client optimiser states too
+  c.averaged_clients = True          # one shared client copy where exact (linear opt, T_c=1)
   c.gradmix_fraction = 0.5           # phi, fraction of clients whose gradients are mixed
   # --- optimisation ---
   c.client_optimizer = "sgd"         # sgd | momentum | adam | adamw

@@ -253,7 +253,10 @@ def plot_accuracy(evals: list[dict], path: str) -> None:
 
 
 def mean_metrics(stacked: dict) -> dict[str, float]:
-  return {k: float(np.mean(v)) for k, v in jax.device_get(stacked).items()}
+  """Each train metric averaged over the window; the learning rates (`lr_*`) as of its
+  last iteration, the rate the evaluated model was last stepped with."""
+  return {k: float(np.mean(v[-1] if k.startswith("lr_") else v))
+          for k, v in jax.device_get(stacked).items()}
 
 
 def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = False

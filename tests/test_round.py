@@ -9,6 +9,7 @@ from fold_in(fold_in(key, 1), step)).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import chex
 import flax.linen as nn
@@ -492,3 +493,16 @@ def test_weight_zero_client_contributes_nothing(name):
   chex.assert_tree_all_finite(m_poisoned)
   chex.assert_trees_all_close(others(poisoned), others(clean))
   chex.assert_trees_all_close(m_poisoned, m_clean)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(smashmix=True, server_mode="per_client"), "smashmix needs one shared server"),
+    (dict(server_mode="shard"), "server_mode='shard' is unknown"),
+    (dict(server_mode="relay", smashmix=False), "vanilla SL"),
+    (dict(download="none", local_ce_weight=0.0), "set local_ce_weight > 0"),
+    (dict(client_tx="adam"), "client_tx must be an optax.GradientTransformation"),
+    (dict(batch_size=0), "batch_size=0 must be at least 1"),
+])
+def test_round_config_refuses_what_cannot_work(fields, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    make_cfg(**fields)
