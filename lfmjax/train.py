@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfmjax import accounting, algorithms
+from lfmjax import accounting, algorithms, tensorboard
 from lfmjax.checkpoint import (CheckpointError, Checkpoints, check_workdir,
                                partition_fingerprint)
 from lfmjax.data import PARTITIONS, client_table, load_dataset, make_partition
@@ -196,8 +196,9 @@ class MetricsWriter:
                  "loss_mix", "loss_local", "loss_aux", "train_accuracy", "lr_client",
                  "lr_server", "bytes_up", "bytes_down", "latency_s", "wall_s")
 
-  def __init__(self, workdir: str | None):
+  def __init__(self, workdir: str | None, algorithm: str = "run"):
     self.workdir = workdir
+    self.algorithm = algorithm
     self.evals: list[dict] = []
 
   def keep_until(self, step: int, eval_every: int) -> None:
@@ -216,6 +217,7 @@ class MetricsWriter:
     self.evals = [r for r in records if r.get("type") == "eval"
                   and r.get("iteration", 0) <= step and r["iteration"] % eval_every == 0]
     write_atomically(path, "".join(json.dumps(r) + "\n" for r in self.evals))
+    tensorboard.write_events(self.evals, self.workdir, self.algorithm)
 
   def write(self, record: dict) -> None:
     if record.get("type") == "eval":
@@ -224,6 +226,8 @@ class MetricsWriter:
       return
     with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
       f.write(json.dumps(record) + "\n")
+    if record.get("type") == "eval":
+      tensorboard.write_events(self.evals, self.workdir, self.algorithm)
 
   def finish(self) -> None:
     if not self.workdir or not self.evals:
@@ -332,7 +336,7 @@ def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = Fals
     write_atomically(os.path.join(workdir, "config.json"), config.to_json(indent=2))
   checkpoints = Checkpoints(workdir, config.keep_checkpoints) if workdir else None
   fingerprint = partition_fingerprint(idx_CxM, sizes_C)
-  writer = MetricsWriter(workdir if lead else None)
+  writer = MetricsWriter(workdir if lead else None, config.algorithm)
   step, last_acc, train_window, wall_before = 0, None, [], 0.0
   if resuming:
     state, step, train_window = resume(checkpoints, state, fingerprint, writer,

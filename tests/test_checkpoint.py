@@ -97,6 +97,40 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(synthetic_fmnist, tmp_path
   assert walls[0] == 1000.0 and walls[1] > 1000.0
   assert [r["iteration"] for r in records(whole) if r["type"] == "eval"] == [4, 8]
   assert_trees_equal(final_state(split, config), final_state(whole, config))
+  # The TensorBoard events hold the uninterrupted run's points, once each.
+  assert tensorboard_scalars(split) == tensorboard_scalars(whole)
+  tag = f"{algorithm}/test/accuracy"
+  assert [step for step, _ in tensorboard_scalars(whole)[tag]] == [4, 8]
+
+
+def tensorboard_scalars(workdir: Path) -> dict[str, list[tuple[int, float]]]:
+  """The scalars of the workdir's event files, read back through tensorboardX's Event
+  proto and the TFRecord framing TensorBoard reads (length, crc, data, crc)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  scalars: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      (length,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+      i += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def test_tensorboard_events_carry_the_evaluations(synthetic_fmnist, tmp_path):
+  config = tiny_config(synthetic_fmnist, num_iterations=4, checkpoint_every=0,
+                       client_schedule="cosine")
+  train_and_evaluate(config, str(tmp_path), quiet=True)
+  evals = [r for r in records(tmp_path) if r["type"] == "eval"]
+  scalars = tensorboard_scalars(tmp_path)
+  assert scalars["locfedmix/test/accuracy"] == [
+      (r["iteration"], pytest.approx(r["test_accuracy"])) for r in evals]
+  assert scalars["locfedmix/optim/lr_client"] == [
+      (r["iteration"], pytest.approx(r["lr_client"])) for r in evals]
+  assert evals[-1]["lr_client"] < 1e-3  # cosine-decayed from the peak
 
 
 def test_same_config_same_metrics(synthetic_fmnist, tmp_path):
