@@ -1,16 +1,36 @@
-"""LocFedMix-SL on Fashion-MNIST with 10 clients: the demo run.
+"""LocFedMix-SL on Fashion-MNIST with 10 clients: the demo run, and every algorithm and
+ablation on the same setting through the config argument.
 
     python -m lfmjax.main --config=configs/fmnist.py --workdir=runs/fmnist
+    python -m lfmjax.main --config=configs/fmnist.py:psl --workdir=runs/psl
+    python -m lfmjax.main --config=configs/fmnist.py:psl,loc,fed --workdir=runs/locfed
 
-Expected: about 87-88 % test accuracy after 600 iterations (87.72 % measured), in about
-2.5 minutes of training on 2 CPU cores (bench_cnn on 28x28x1, Adam 1e-3, batch 32 per client).
+The argument is an algorithm (`python -m lfmjax.main --list`), optionally followed by
+components switched on over it, the others off: `psl,loc,fed` is PSL + Loc + Fed
+without Mix (big_vision's config arguments: one file, no copies per algorithm).
+
+Expected (the demo): about 87-88 % test accuracy after 600 iterations (87.46 % measured
+2026-12-01), in about 2 minutes of training on 2 CPU cores (bench_cnn on 28x28x1, Adam
+1e-3, batch 32 per client).
 """
+from lfmjax.algorithms import ALGORITHMS, SWITCHES
 from lfmjax.config import base_config
 
 
-def get_config():
+def get_config(arg: str | None = None):
+  algorithm, *components = [a.strip() for a in (arg or "locfedmix").split(",") if a.strip()]
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"configs/fmnist.py:{arg}: {algorithm!r} is not an algorithm; use one "
+                     f"of {', '.join(sorted(ALGORITHMS))}")
+  unknown = sorted(set(components) - set(SWITCHES))
+  if unknown:
+    raise ValueError(f"configs/fmnist.py:{arg}: unknown component(s) {', '.join(unknown)}; "
+                     f"use a subset of {', '.join(SWITCHES)}")
   c = base_config()
-  c.algorithm = "locfedmix"        # Loc + Fed + Mix on top of parallel SL
+  c.algorithm = algorithm          # locfedmix: Loc + Fed + Mix on top of parallel SL
+  if components:                   # an ablation: these switches on, the others off
+    for name in SWITCHES:
+      setattr(c, name, name in components)
   c.dataset = "fashion_mnist"      # the original idx files (see README: data)
   c.model = "bench_cnn"            # the speed benchmark's CNN, at 28x28x1
   c.num_clients = 10               # C

@@ -85,7 +85,7 @@ def test_cli_runs_a_few_iterations_and_writes_results(synthetic_fmnist, tmp_path
 
 
 def test_cli_psl_config_runs(synthetic_fmnist, tmp_path):
-  result = run_cli("--config=configs/psl.py", f"--config.data_dir={synthetic_fmnist}", *TINY)
+  result = run_cli("--config=configs/fmnist.py:psl", f"--config.data_dir={synthetic_fmnist}", *TINY)
   assert result.returncode == 0, result.stderr
   assert "psl (loc=False, fed=False, mix=False)" in result.stdout
 
@@ -192,8 +192,29 @@ def test_every_config_file_is_valid(path):
   assert module.__doc__ and "python -m lfmjax.main --config=" in module.__doc__
 
 
+def test_config_argument_names_algorithm_and_components():
+  """`configs/fmnist.py:ALGORITHM[,COMPONENT...]`: every algorithm, ablations, and a
+  one-line reason for a bad argument."""
+  import importlib.util
+  from lfmjax import algorithms
+  from lfmjax.train import validate
+  spec = importlib.util.spec_from_file_location("fmnist_config", ROOT / "configs/fmnist.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for name in algorithms.ALGORITHMS:
+    config = module.get_config(name)
+    validate(config)
+    assert config.algorithm == name and config.loc is None
+  config = module.get_config("psl,loc,fed")
+  assert (config.loc, config.fed, config.mix, config.gradmix) == (True, True, False, False)
+  with pytest.raises(ValueError, match="'pls' is not an algorithm"):
+    module.get_config("pls")
+  with pytest.raises(ValueError, match="unknown component.*mixx"):
+    module.get_config("psl,mixx")
+
+
 def test_ablation_config_switches_components(synthetic_fmnist):
-  result = run_cli("--config=configs/ablation.py:loc,mix", f"--config.data_dir={synthetic_fmnist}",
+  result = run_cli("--config=configs/fmnist.py:psl,loc,mix", f"--config.data_dir={synthetic_fmnist}",
                    *TINY)
   assert result.returncode == 0, result.stderr
   assert "psl (loc=True, fed=False, mix=True)" in result.stdout

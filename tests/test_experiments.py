@@ -18,8 +18,7 @@ sys.path.insert(0, EXPERIMENTS)  # the scripts import `common` and `scalability`
 
 
 def script(name: str):
-  """An experiment script as a module, by path: `configs/ablation.py` may already hold
-  the name `ablation` in sys.modules."""
+  """An experiment script as a module, by path, under a name no other module holds."""
   spec = importlib.util.spec_from_file_location(f"experiments_{name}",
                                                 os.path.join(EXPERIMENTS, f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
