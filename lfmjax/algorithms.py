@@ -86,8 +86,8 @@ class RoundConfig:
   fedavg: bool = True
   fedavg_every: int = 1                   # T_c
   fedavg_opt_state: bool = False
-  # Compute the clients as one shared model where that is exact (`clients_shared`).
-  shared_clients_shortcut: bool = True
+  # Compute the clients as one shared model where that is exact (`clients_averaged`).
+  averaged_clients: bool = True
   # GradMix (SGLR's SplitAvg): fraction phi of clients receiving their mean gradient.
   gradmix: bool = False
   gradmix_fraction: float = 0.5
@@ -156,7 +156,7 @@ class RoundConfig:
     return self.local_ce_weight != 0.0
 
   @property
-  def clients_shared(self) -> bool:
+  def clients_averaged(self) -> bool:
     """Whether the round may compute all clients with one shared copy of their segments.
 
     With FedAvg after every iteration, every client starts each iteration from the same
@@ -171,7 +171,7 @@ class RoundConfig:
     opt = self.client_opt
     momentum_averaged = (opt.name in ("sgd", "momentum") and opt.grad_clip_norm is None
                          and self.fedavg_opt_state)
-    return (self.shared_clients_shortcut and self.fedavg and self.fedavg_every == 1
+    return (self.averaged_clients and self.fedavg and self.fedavg_every == 1
             and self.server_mode != "relay" and self.client_tx is None
             and (opt.linear or momentum_averaged))
 
@@ -228,7 +228,7 @@ def round_config_from(config: Any, num_classes: int) -> RoundConfig:
       fedavg=switches["fed"],
       fedavg_every=config.fedavg_every,
       fedavg_opt_state=config.fedavg_opt_state,
-      shared_clients_shortcut=config.averaged_clients,
+      averaged_clients=config.averaged_clients,
       gradmix=switches["gradmix"],
       gradmix_fraction=config.gradmix_fraction,
       server_mode=server_mode,

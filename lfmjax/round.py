@@ -19,7 +19,7 @@ PSL is the shared round with every switch off.
 Where FedAvg follows every iteration and the client optimiser is plain SGD, every
 client holds the same segments at the start of each iteration and FedAvg of their
 steps is one step on the delta-weighted gradient, so steps 2, 3, 6 and 7 run as one
-shared model over all clients' data (`make_shared_client_phase`; `cfg.clients_shared`).
+shared model over all clients' data (`make_averaged_client_phase`; `cfg.clients_averaged`).
 The convolutions choose their kernels from what is batched (`models.patch_conv`), so
 none of this code sets a flag for them.
 """
@@ -197,10 +197,10 @@ def client_group_size(num_clients: int, batch_size: int) -> int:
   return max(d for d in range(1, target + 1) if num_clients % d == 0)
 
 
-def make_shared_client_phase(cfg: RoundConfig, model: SplitModel, split: bool = False):
+def make_averaged_client_phase(cfg: RoundConfig, model: SplitModel, split: bool = False):
   """The clients' side of an iteration computed with one shared copy of their segments.
 
-  Exact when `cfg.clients_shared` (see there): FedAvg of every client's SGD step equals
+  Exact when `cfg.clients_averaged` (see there): FedAvg of every client's SGD step equals
   one step of the shared segments on sum_k d_k g_k, so every client's data goes
   through one set of weights (`apply_to_clients`) and each gradient is taken once, of
   the d-weighted sum of the clients' losses. BatchNorm still normalises each client's
@@ -590,7 +590,7 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None =
 
     return s_CxBxS, finish
 
-  clients_forward = (make_shared_client_phase(cfg, model, split) if cfg.clients_shared
+  clients_forward = (make_averaged_client_phase(cfg, model, split) if cfg.clients_averaged
                      else per_client_forward)
 
   def round_step(state: RoundState, data: RoundData):
@@ -604,7 +604,7 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None =
     new_clients, loss_local, loss_aux = finish(g_CxBxS)
     if cfg.fedavg:
       do_average = (state.step + 1) % cfg.fedavg_every == 0
-      if not cfg.clients_shared:  # the shared phase has averaged already
+      if not cfg.clients_averaged:  # the shared phase has averaged already
         new_clients = jax.lax.cond(do_average, average_clients, lambda c, w: c,
                                    new_clients, data.weights_C)
       if cfg.server_mode == "per_client":

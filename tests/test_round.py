@@ -320,7 +320,7 @@ def test_bench_cnn_round_equals_plain_per_client_loop(name):
   overrides = dict(ALGOS[name])
   base = overrides.pop("base", name)
   cfg = algorithm_cfg(base, local_loss_weight=0.7, **overrides)
-  assert cfg.clients_shared == (cfg.fedavg and base != "sl")
+  assert cfg.clients_averaged == (cfg.fedavg and base != "sl")
   assert_bench_round_matches_reference(cfg)
 
 
@@ -341,19 +341,19 @@ def test_client_group_size():
   assert lfmjax.round.client_group_size(97, 16) == 1  # prime: groups of one client
 
 
-def test_shared_clients_shortcut_equals_per_client_path():
+def test_averaged_clients_equals_per_client_path():
   """The FedAvg shortcut against lfmjax's own per-client path, momentum included."""
   cfg = algorithm_cfg("locfedmix", client_opt=sgd_spec(0.05, momentum=0.9),
                       server_opt=sgd_spec(0.1, momentum=0.9), fedavg_opt_state=True)
-  assert cfg.clients_shared
-  plain = dataclasses.replace(cfg, shared_clients_shortcut=False)
-  assert not plain.clients_shared
-  assert not dataclasses.replace(cfg, client_opt=OptimizerSpec("adam", 1e-3)).clients_shared
+  assert cfg.clients_averaged
+  plain = dataclasses.replace(cfg, averaged_clients=False)
+  assert not plain.clients_averaged
+  assert not dataclasses.replace(cfg, client_opt=OptimizerSpec("adam", 1e-3)).clients_averaged
   assert not dataclasses.replace(
-      cfg, client_opt=sgd_spec(0.05, grad_clip_norm=1.0)).clients_shared
-  assert not dataclasses.replace(cfg, client_tx=optax.sgd(0.05)).clients_shared
-  assert not dataclasses.replace(cfg, fedavg_every=2).clients_shared
-  assert not dataclasses.replace(cfg, fedavg_opt_state=False).clients_shared
+      cfg, client_opt=sgd_spec(0.05, grad_clip_norm=1.0)).clients_averaged
+  assert not dataclasses.replace(cfg, client_tx=optax.sgd(0.05)).clients_averaged
+  assert not dataclasses.replace(cfg, fedavg_every=2).clients_averaged
+  assert not dataclasses.replace(cfg, fedavg_opt_state=False).clients_averaged
   data = make_data()
   x = jnp.zeros((B, H, H, 1))
   fast = plain_state = lfmjax.init_state(cfg, BENCH, jax.random.PRNGKey(2), x)
@@ -506,3 +506,107 @@ def test_weight_zero_client_contributes_nothing(name):
 def test_round_config_refuses_what_cannot_work(fields, message):
   with pytest.raises(ValueError, match=re.escape(message)):
     make_cfg(**fields)
+
+
+# ----------------------------------------------- BatchNorm models against a plain loop
+class BNLower(nn.Module):
+  """conv-BN-relu, pooled: the lower of resnet16 in miniature (lfmjax's BatchNorm)."""
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    from lfmjax.models.batch_norm import BatchNorm
+    x = nn.Conv(3, (3, 3), use_bias=False)(x)
+    x = BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.relu(x)[:, ::2, ::2, :]
+
+
+class BNUpper(nn.Module):
+  @nn.compact
+  def __call__(self, s, train: bool = False):
+    from lfmjax.models.batch_norm import BatchNorm
+    h = nn.Dense(8)(s.reshape(s.shape[0], -1))
+    h = BatchNorm(use_running_average=not train, momentum=0.9)(h)
+    return nn.Dense(N_CLS)(nn.relu(h))
+
+
+BN_MODEL = SplitModel(lower=BNLower(), upper=BNUpper(), decoder=Decoder(),
+                      aux_head=AuxHead(N_CLS), name="test_bn")
+
+
+def bn_reference_step(cfg, state, data):
+  """One PSL or SFL-V1 iteration of a BatchNorm model, client by client: each lower
+  normalises its own batch; PSL's server normalises the concatenated batch, SFL-V1's
+  copies each client's; FedAvg averages parameters and running statistics."""
+  delta = np.asarray(data.weights_C)
+  idx = np.asarray(batch_indices(jax.random.fold_in(state.key, 0), state.step,
+                                 data.idx_CxM, data.sizes_C, cfg.batch_size))
+  xs = [jnp.asarray(data.train_x)[idx[k]].astype(jnp.float32) / 255.0 for k in range(C)]
+  ys = [jnp.asarray(data.train_y)[idx[k]] for k in range(C)]
+  lr_c, lr_s = cfg.client_opt.learning_rate, cfg.server_opt.learning_rate
+  row = lambda tree, k: jax.tree.map(lambda a: a[k], tree)
+
+  def run(module, params, stats, x):
+    out, new = module.apply({"params": params, "batch_stats": stats}, x, train=True,
+                            mutable=["batch_stats"])
+    return out, new["batch_stats"]
+
+  smashed, vjps, lower_stats = [], [], []
+  for k in range(C):
+    stats_k = row(state.clients.stats["lower"], k)["batch_stats"]
+    s, vjp, new_stats = jax.vjp(lambda p: run(BN_MODEL.lower, p, stats_k, xs[k]),
+                                row(state.clients.params["lower"], k), has_aux=True)
+    smashed.append(s), vjps.append(vjp), lower_stats.append(new_stats)
+
+  if cfg.server_mode == "shared":
+    upper_stats = state.server.stats["batch_stats"]
+
+    def objective(params, s_all):
+      logits, new_stats = run(BN_MODEL.upper, params, upper_stats, s_all)
+      logits = logits.reshape(C, B, -1)
+      return sum(delta[k] * ce(logits[k], ys[k]) for k in range(C)), new_stats
+
+    (_, new_upper_stats), (g_upper, g_s) = jax.value_and_grad(objective, (0, 1), has_aux=True)(
+        state.server.params, jnp.concatenate(smashed))
+    new_upper = sgd(state.server.params, g_upper, lr_s)
+    g = [g_s.reshape(C, B, *smashed[0].shape[1:])[k] / delta[k] for k in range(C)]
+    new_server = (new_upper, {"batch_stats": new_upper_stats})
+  else:  # SFL-V1: a server copy per client, averaged with the lowers
+    uppers, upper_stats, g = [], [], []
+    for k in range(C):
+      def own(params, s):
+        logits, new_stats = run(BN_MODEL.upper, params, row(state.server.stats, k)["batch_stats"], s)
+        return ce(logits, ys[k]), new_stats
+      (_, new_stats), (g_upper, g_k) = jax.value_and_grad(own, (0, 1), has_aux=True)(
+          row(state.server.params, k), smashed[k])
+      uppers.append(sgd(row(state.server.params, k), g_upper, lr_s))
+      upper_stats.append({"batch_stats": new_stats})
+      g.append(g_k)
+    new_server = (stack([mean_of(uppers, delta)] * C), stack([mean_of(upper_stats, delta)] * C))
+
+  lowers = [sgd(row(state.clients.params["lower"], k), vjps[k](g[k])[0], lr_c)
+            for k in range(C)]
+  stats = [{"batch_stats": s} for s in lower_stats]
+  if cfg.fedavg:
+    lowers, stats = [mean_of(lowers, delta)] * C, [mean_of(stats, delta)] * C
+  return new_server, (stack(lowers), stack(stats))
+
+
+@pytest.mark.parametrize("name,averaged", [("psl", False), ("sfl_v1", False),
+                                           ("sfl_v1", True)])
+def test_batchnorm_round_equals_plain_loop(name, averaged):
+  """Parameters and running statistics of both segments after two iterations, on the
+  per-client path and (SFL-V1 with SGD and FedAvg every iteration) the averaged one."""
+  cfg = algorithm_cfg(name, averaged_clients=averaged)
+  assert cfg.clients_averaged == averaged
+  data = make_data()
+  state = lfmjax.init_state(cfg, BN_MODEL, jax.random.PRNGKey(3), jnp.zeros((B, H, H, 1)))
+  step = lfmjax.make_round_step(cfg, BN_MODEL)
+  for _ in range(2):
+    (upper, upper_stats), (lowers, lower_stats) = bn_reference_step(
+        cfg, jax.tree.map(jnp.array, state), data)
+    state, _ = step(state, data)
+    chex.assert_trees_all_close((state.server.params, state.server.stats["batch_stats"]
+                                 if name == "psl" else state.server.stats),
+                                (upper, upper_stats["batch_stats"] if name == "psl"
+                                 else upper_stats), atol=2e-5, rtol=2e-5)
+    chex.assert_trees_all_close((state.clients.params["lower"], state.clients.stats["lower"]),
+                                (lowers, lower_stats), atol=2e-5, rtol=2e-5)
