@@ -133,6 +133,17 @@ def test_tensorboard_events_carry_the_evaluations(synthetic_fmnist, tmp_path):
   assert evals[-1]["lr_client"] < 1e-3  # cosine-decayed from the peak
 
 
+def test_train_returns_the_trained_state_and_history(synthetic_fmnist, tmp_path):
+  """A Python caller gets the state back: the one the final checkpoint holds."""
+  from lfmjax.train import train
+  config = tiny_config(synthetic_fmnist, num_iterations=4)
+  result = train(config, str(tmp_path), quiet=True)
+  assert int(result.state.step) == 4
+  assert [r["iteration"] for r in result.history] == [4]
+  assert result.summary["final_test_accuracy"] == result.history[-1]["test_accuracy"]
+  assert_trees_equal(jax.device_get(result.state), final_state(tmp_path, config))
+
+
 def test_same_config_same_metrics(synthetic_fmnist, tmp_path):
   config = tiny_config(synthetic_fmnist, num_iterations=4, checkpoint_every=0)
   train_and_evaluate(config, str(tmp_path / "a"), quiet=True)

@@ -30,7 +30,7 @@ def no_compile(monkeypatch):
   """Fails the test if the round is ever built: validation must come first."""
   def refuse(*args, **kwargs):
     raise AssertionError("the round was built before the error was found")
-  monkeypatch.setattr("lfmjax.train.make_round_step", refuse)
+  monkeypatch.setattr("lfmjax.run.loop.make_round_step", refuse)
 
 
 CASES = [

@@ -1,0 +1,388 @@
+"""The training loop of a whole run (Oh et al., LocFedMix-SL, WWW 2022, as simulated by
+lfmjax): prepare the data, partition, model and compiled programs; advance
+`steps_per_dispatch` iterations per dispatch; evaluate every `eval_every`; checkpoint;
+return the trained state with the history. `lfmjax.main` is a thin CLI over it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lfmjax import accounting, algorithms
+from lfmjax.checkpoint import Checkpoints, check_workdir, partition_fingerprint
+from lfmjax.data import client_table, load_dataset, make_partition
+from lfmjax.evaluate import eval_client_ids, make_evaluate, pad_to_chunks
+from lfmjax.mesh import (Placement, jit_sharded, make_mesh, make_placement, pad_data,
+                         pad_state, padded_num_clients, padded_round, put_global,
+                         real_clients)
+from lfmjax.models import get_model
+from lfmjax.models.patch_conv import compiler_options
+from lfmjax.round import make_multi_step, make_round_step
+from lfmjax.run.progress import Progress
+from lfmjax.run.validate import ConfigError, model_input_shape, validate
+from lfmjax.run.workdir import (MetricsWriter, evaluation_record, resume, window_to_json,
+                                write_atomically)
+from lfmjax.state import RoundState, init_state, make_data
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (a non-finite loss); the message names the iteration."""
+
+
+class Interrupted(Exception):
+  """SIGINT or SIGTERM arrived; the run saved a checkpoint (if it has a workdir)."""
+
+  def __init__(self, signum: int, message: str):
+    super().__init__(message)
+    self.signum = signum
+
+
+@dataclasses.dataclass
+class PlacedRun:
+  """A run's arrays on the mesh and its compiled programs."""
+  state: RoundState
+  data: Any
+  placement: Placement
+  multi_step: Any    # (state, data) -> (state, metrics stacked over `chunk` iterations)
+  single_step: Any   # the same for one iteration
+  evaluate: Any      # (state, weights_C, client_ids, test) -> {'accuracy', 'loss'}
+
+
+def place_run(cfg, model, mesh, num_seeds: int, state: RoundState, seed: int, x_example,
+              data_host, chunk: int) -> PlacedRun:
+  """The state (`state` is seed `seed`'s; S seeds stacked when S > 1, clients padded to
+  the mesh) and the data put on `mesh`, and the round, multi-step and evaluation
+  programs for them."""
+  num_padded = padded_num_clients(cfg.num_clients, mesh.size)
+  states = [state] + [init_state(cfg, model, jax.random.PRNGKey(seed + i), x_example)
+                      for i in range(1, num_seeds)]
+  states = [pad_state(cfg, jax.device_get(s), num_padded) for s in states]
+  state = states[0] if num_seeds == 1 else jax.tree.map(lambda *a: np.stack(a), *states)
+  placement = make_placement(cfg, state, mesh, seeds=num_seeds > 1)
+  state = put_global(state, placement.state)
+  data = put_global(pad_data(data_host, num_padded), placement.data)
+
+  step_fn = padded_round(cfg, make_round_step(cfg, model, jit=False, mesh=mesh), mesh)
+  evaluate_one = make_evaluate(cfg, model, jit=False)
+
+  def evaluate_real(state, weights_C, client_ids, test):
+    c = cfg.num_clients
+    return evaluate_one(real_clients(cfg, state), weights_C[:c], client_ids, test)
+
+  if num_seeds > 1:
+    step_fn = jax.vmap(step_fn, in_axes=(0, None))
+    evaluate_real = jax.vmap(evaluate_real, in_axes=(0, None, None, None))
+  return PlacedRun(
+      state=state, data=data, placement=placement,
+      multi_step=jit_sharded(make_multi_step(step_fn, chunk, jit=False), placement),
+      single_step=jit_sharded(make_multi_step(step_fn, 1, jit=False), placement),
+      evaluate=jax.jit(evaluate_real, compiler_options=compiler_options()))
+
+
+def next_stop(step: int, config) -> int:
+  """The next iteration at which the loop must pause (evaluation, checkpoint, end).
+
+  A function of the step alone, so a resumed run dispatches the same chunks as the
+  uninterrupted one from there on."""
+  stops = [(step // config.eval_every + 1) * config.eval_every, config.num_iterations]
+  if config.checkpoint_every:
+    stops.append((step // config.checkpoint_every + 1) * config.checkpoint_every)
+  return min(stops)
+
+
+LOSS_TERMS = ("loss_real", "loss_mix", "loss_local", "loss_aux")
+
+
+def check_finite(metrics: dict, step: int, checkpoints: Checkpoints | None) -> None:
+  """Stops the run at the first iteration whose loss is NaN or infinite (any seed)."""
+  found = []  # (iteration, term order, seed, value)
+  for order, term in enumerate(t for t in LOSS_TERMS if t in metrics):
+    values = np.asarray(metrics[term]).reshape(len(metrics[term]), -1)  # iterations x seeds
+    for i, seed in np.argwhere(~np.isfinite(values))[:1]:
+      found.append((i, order, seed, term, values[i, seed], values.shape[1]))
+  if not found:
+    return
+  i, _, seed, term, value, num_seeds = min(found)
+  kept = checkpoints.latest_step() if checkpoints else None
+  where = (f"the last good checkpoint (iteration {kept}) is kept in "
+           f"{checkpoints.directory}" if kept is not None else "no checkpoint was written")
+  which = f" (seed replica {seed})" if num_seeds > 1 else ""
+  raise TrainingError(f"iteration {step + i + 1}: {term} is {value}{which}; {where}; "
+                      f"lower client_lr/server_lr and start a new --workdir")
+
+
+@contextlib.contextmanager
+def signals_caught(signums=(signal.SIGINT, signal.SIGTERM)):
+  """Within the block SIGINT and SIGTERM are noted in the yielded list, not raised, so
+  the loop can finish its dispatch and save a checkpoint before it exits."""
+  caught: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield caught  # handlers can only be set from the main thread
+    return
+  previous = {n: signal.signal(n, lambda signum, frame: caught.append(signum))
+              for n in signums}
+  try:
+    yield caught
+  finally:
+    for n, handler in previous.items():
+      signal.signal(n, handler)
+
+
+
+@dataclasses.dataclass
+class Prepared:
+  """Everything a run's loop reads, built once from the config."""
+  cfg: algorithms.RoundConfig
+  run: PlacedRun
+  test: Any
+  client_ids: Any
+  ledger: Any
+  latency: Any
+  iters_per_epoch: int
+  fingerprint: str
+
+
+def client_partition(config, dataset) -> tuple[np.ndarray, np.ndarray]:
+  """The clients' index table and sizes, or a ConfigError naming what does not fit."""
+  if int(config.num_clients) > len(dataset.train_y):
+    raise ConfigError(f"config.num_clients={config.num_clients} is more than the "
+                      f"{len(dataset.train_y)} train samples; lower num_clients")
+  partition_seed = config.seed if config.partition_seed is None else config.partition_seed
+  try:
+    parts = make_partition(config.partition, dataset.train_y, config.num_clients,
+                           partition_seed, alpha=config.dirichlet_alpha,
+                           classes_per_client=config.classes_per_client,
+                           per_client=config.samples_per_client)
+  except ValueError as e:
+    raise ConfigError(f"config.partition={config.partition!r} with "
+                      f"num_clients={config.num_clients}: {e}") from None
+  idx_CxM, sizes_C = client_table(parts)
+  if int(sizes_C.min()) < config.batch_size:
+    raise ConfigError(f"config.batch_size={config.batch_size} is larger than the smallest "
+                      f"client's data ({int(sizes_C.min())} samples); lower batch_size or "
+                      f"num_clients")
+  return idx_CxM, sizes_C
+
+
+def build_model(config, dataset):
+  input_shape = model_input_shape(config, dataset.train_x.shape[1:])
+  try:
+    return get_model(config.model, num_classes=dataset.num_classes,
+                     input_shape=input_shape, **config.model_overrides.to_dict())
+  except ValueError as e:
+    raise ConfigError(f"config.model={config.model!r} / config.model_overrides: {e}") from None
+
+
+def prepare(config, log: Callable) -> Prepared:
+  """Data, partition, model, initial state, ledger and the compiled programs on the mesh."""
+  dataset = load_dataset(config.dataset, config.data_dir, download=config.download,
+                         verify=config.data_verify)
+  idx_CxM, sizes_C = client_partition(config, dataset)
+  cfg = algorithms.round_config_from(config, dataset.num_classes)
+  model = build_model(config, dataset)
+  data = make_data(dataset.train_x, dataset.train_y, idx_CxM, sizes_C)
+  x_example, _ = cfg.preprocess(jnp.asarray(dataset.train_x[:config.batch_size]))
+  state = init_state(cfg, model, jax.random.PRNGKey(config.seed), x_example)
+  switches = algorithms.resolve_switches(config)
+  mesh = make_mesh(config.num_devices)
+  log(f"lfmjax: {config.algorithm} (loc={switches['loc']}, fed={switches['fed']}, "
+      f"mix={switches['mix']}) | {dataset.name} from {dataset.source} | "
+      f"{config.model} | C={config.num_clients} B={config.batch_size} | "
+      f"{config.num_iterations} iterations on {mesh.size} {jax.devices()[0].platform} "
+      f"device(s)" + (f", {jax.process_count()} processes" if jax.process_count() > 1 else "")
+      + (f" | {config.num_seeds} seeds" if config.num_seeds > 1 else ""))
+  ledger = accounting.make_ledger(cfg, model, state, data)
+  latency = accounting.make_latency(cfg, model, state, data, ledger, accounting.Rates(
+      config.client_flops_per_s, config.server_flops_per_s, config.uplink_bytes_per_s,
+      config.downlink_bytes_per_s))
+  log(accounting.describe(ledger, latency))
+  run = place_run(cfg, model, mesh, config.num_seeds, state, config.seed, x_example, data,
+                  config.steps_per_dispatch)
+  test = put_global(pad_to_chunks(dataset.test_x, dataset.test_y,
+                                  min(config.eval_chunk, len(dataset.test_y))),
+                    (run.placement.replicated,) * 3)
+  client_ids_host = eval_client_ids(config.num_clients, config.eval_clients, config.seed)
+  if not cfg.fedavg and len(client_ids_host) < config.num_clients:
+    log(f"evaluating the mean over a seeded subset of {len(client_ids_host)} of "
+        f"{config.num_clients} clients' lowers (eval_clients)")
+  return Prepared(cfg, run, test, put_global(client_ids_host, run.placement.replicated),
+                  ledger, latency,
+                  max(1, math.ceil(float(np.mean(sizes_C)) / config.batch_size)),
+                  partition_fingerprint(idx_CxM, sizes_C))
+
+
+@dataclasses.dataclass
+class Workdir:
+  """The run's files: checkpoints, metrics writer, and where a resume starts."""
+  checkpoints: Checkpoints | None
+  writer: MetricsWriter
+  state: RoundState
+  step: int
+  train_window: list
+  wall_before: float
+
+
+def open_workdir(config, workdir, resuming: bool, lead: bool, prep: Prepared,
+                 log: Callable) -> Workdir:
+  """config.json written, checkpoints opened, and the run resumed where one was kept."""
+  if workdir and lead:
+    os.makedirs(workdir, exist_ok=True)
+    write_atomically(os.path.join(workdir, "config.json"), config.to_json(indent=2))
+  checkpoints = Checkpoints(workdir, config.keep_checkpoints) if workdir else None
+  writer = MetricsWriter(workdir if lead else None, config.algorithm)
+  state, step, train_window, wall_before = prep.run.state, 0, [], 0.0
+  if resuming:
+    state, step, train_window = resume(checkpoints, state, prep.fingerprint, writer,
+                                       config.eval_every)
+    # wall_s counts on from the kept evaluations, so a resumed run's is its total.
+    wall_before = writer.evals[-1].get("wall_s", 0.0) if writer.evals else 0.0
+    log(f"resuming {workdir} from iteration {step}" if step else
+        f"{workdir} has no checkpoint yet: starting from iteration 0")
+  return Workdir(checkpoints, writer, state, step, train_window, wall_before)
+
+
+def evaluation_line(record: dict) -> str:
+  spread = (f" +- {100 * record['test_accuracy_std']:.2f}"
+            if "test_accuracy_std" in record else "")
+  return (f"iter {record['iteration']:>6} | epoch {record['epoch']:7.2f} | test acc "
+          f"{100 * record['test_accuracy']:6.2f}%{spread} | test loss "
+          f"{record['test_loss']:.4f} | L {record['loss_real']:.4f} L~ "
+          f"{record['loss_mix']:.4f} L^ {record['loss_local']:.4f} | "
+          f"{record['bytes_up'] / 2**20:.1f} MiB up, {record['bytes_down'] / 2**20:.1f} MiB "
+          f"down | simulated {record['latency_s']:.1f}s")
+
+
+def run_loop(config, prep: Prepared, wd: Workdir, progress: Progress, t_start: float,
+             log: Callable) -> tuple[RoundState, int, float | None]:
+  """Dispatches, evaluations and checkpoints up to `num_iterations`: (state, step,
+  compile seconds of the first dispatch)."""
+  run, state, step, window = prep.run, wd.state, wd.step, wd.train_window
+  last_acc = wd.writer.evals[-1]["test_accuracy"] if wd.writer.evals else None
+  chunk, compile_s = config.steps_per_dispatch, None
+
+  def save(step_done: int) -> None:
+    if wd.checkpoints is not None:
+      wd.checkpoints.save(step_done, state, {"partition": prep.fingerprint,
+                                             "train_window": window_to_json(window)})
+
+  with signals_caught() as caught:
+    while step < config.num_iterations:
+      n = chunk if next_stop(step, config) - step >= chunk else 1
+      t0 = time.perf_counter()
+      new_state, metrics = (run.multi_step if n == chunk else run.single_step)(state, run.data)
+      # Waiting for each dispatch keeps the progress line honest (dispatch is async).
+      metrics = jax.device_get(metrics)
+      check_finite(metrics, step, wd.checkpoints)
+      state, step = new_state, step + n
+      window.append(metrics)
+      compile_s = time.perf_counter() - t0 if compile_s is None else compile_s
+      if step % config.eval_every == 0 or step == config.num_iterations:
+        record = evaluation_record(run.evaluate, state, run.data, prep.client_ids, prep.test,
+                                   window, step, prep.iters_per_epoch,
+                                   wd.wall_before + time.perf_counter() - t_start)
+        record.update(prep.ledger.totals(step), latency_s=round(prep.latency.total(step), 6))
+        if step % config.eval_every == 0:  # an end-of-run evaluation keeps the window
+          window = []
+        last_acc = record["test_accuracy"]
+        wd.writer.write(record)
+        progress.close()  # ends the TTY's progress line before the evaluation line
+        log(evaluation_line(record))
+      if (caught or step == config.num_iterations
+          or config.checkpoint_every and step % config.checkpoint_every == 0):
+        save(step)
+      if caught:
+        progress.close()
+        where = (f"checkpoint saved in {wd.checkpoints.directory}; run the same command to "
+                 f"resume" if wd.checkpoints else "no --workdir, so nothing was saved")
+        raise Interrupted(caught[0], f"interrupted by {signal.Signals(caught[0]).name} at "
+                                     f"iteration {step}: {where}")
+      progress.update(step, last_acc)
+  return state, step, compile_s
+
+
+def summarize(config, prep: Prepared, wd: Workdir, step: int, train_s: float,
+              compile_s: float | None, t_start: float) -> dict[str, Any]:
+  evals = wd.writer.evals
+  last_acc = evals[-1]["test_accuracy"] if evals else None
+  return {
+      "type": "summary",
+      "algorithm": config.algorithm,
+      "iterations": step,
+      "final_test_accuracy": last_acc,
+      **({"final_test_accuracy_std": evals[-1].get("test_accuracy_std"),
+          "final_test_accuracy_seeds": evals[-1].get("test_accuracy_seeds")}
+         if config.num_seeds > 1 and evals else {}),
+      "best_test_accuracy": max((e["test_accuracy"] for e in evals), default=None),
+      "train_s": round(train_s, 2),
+      "first_dispatch_s": round(compile_s or 0.0, 2),
+      "iterations_per_s": round((step - wd.step) / max(train_s, 1e-9), 3),
+      "total_s": round(time.perf_counter() - t_start, 2),
+      **prep.ledger.totals(step),
+      "latency_s": round(prep.latency.total(step), 6),
+      "latency_per_iteration_s": prep.latency.iteration_s,
+  }
+
+
+def done_line(config, summary: dict, workdir) -> str:
+  last_acc = summary["final_test_accuracy"]
+  acc = "-" if last_acc is None else f"{100 * last_acc:.2f}%"
+  if summary.get("final_test_accuracy_std") is not None:
+    acc += (f" +- {100 * summary['final_test_accuracy_std']:.2f} over {config.num_seeds} seeds "
+            f"({', '.join(f'{100 * a:.2f}' for a in summary['final_test_accuracy_seeds'])})")
+  return (f"done: {summary['iterations']} iterations in {summary['train_s']:.1f}s "
+          f"({summary['iterations_per_s']:.2f} it/s, first dispatch "
+          f"{summary['first_dispatch_s']:.1f}s incl. compile) | final test accuracy {acc}"
+          + (f" | results in {workdir}" if workdir else ""))
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What `train` returns: the trained state (on the mesh; seeds stacked when S > 1,
+  clients padded to the devices), the evaluation records and the summary."""
+  state: RoundState
+  history: list[dict]
+  summary: dict[str, Any]
+
+
+def train(config, workdir: str | None = None, *, quiet: bool = False) -> RunResult:
+  """Runs the configured simulation and returns its trained state and history."""
+  validate(config)
+  t_start = time.perf_counter()
+  resuming = bool(workdir) and check_workdir(workdir, config.to_json())
+  lead = jax.process_index() == 0  # only process 0 logs and writes files
+  quiet = quiet or not lead
+  log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+  prep = prepare(config, log)
+  wd = open_workdir(config, workdir, resuming, lead, prep, log)
+  progress = Progress(config.num_iterations, wd.step, stream=sys.stderr if not quiet
+                      else open(os.devnull, "w"))
+  t_train = time.perf_counter()
+  state, step, compile_s = run_loop(config, prep, wd, progress, t_start, log)
+  last_acc = wd.writer.evals[-1]["test_accuracy"] if wd.writer.evals else None
+  progress.update(step, last_acc, force=True)
+  progress.close()
+  if wd.checkpoints is not None:
+    wd.checkpoints.close()
+  train_s = time.perf_counter() - t_train
+  wd.writer.finish()
+  summary = summarize(config, prep, wd, step, train_s, compile_s, t_start)
+  wd.writer.write(summary)
+  log(done_line(config, summary, workdir))
+  return RunResult(state, list(wd.writer.evals), summary)
+
+
+def train_and_evaluate(config, workdir: str | None = None, *, quiet: bool = False
+                       ) -> dict[str, Any]:
+  """`train`'s summary (final accuracy, timings), as the CLI reports it."""
+  return train(config, workdir, quiet=quiet).summary

@@ -1,0 +1,152 @@
+"""What a run keeps in its workdir besides checkpoints: metrics.jsonl, eval.csv, the
+accuracy plot and TensorBoard events, the train window carried across a resume, and
+the resume itself (the workdir's records cut back to the checkpoint's step)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from lfmjax import tensorboard
+from lfmjax.checkpoint import CheckpointError, Checkpoints
+from lfmjax.state import RoundState
+
+
+class MetricsWriter:
+  """Appends JSON lines to metrics.jsonl and evaluation rows to eval.csv."""
+
+  EVAL_FIELDS = ("iteration", "epoch", "test_accuracy", "test_loss", "loss_real",
+                 "loss_mix", "loss_local", "loss_aux", "train_accuracy", "lr_client",
+                 "lr_server", "bytes_up", "bytes_down", "latency_s", "wall_s")
+
+  def __init__(self, workdir: str | None, algorithm: str = "run"):
+    self.workdir = workdir
+    self.algorithm = algorithm
+    self.evals: list[dict] = []
+
+  def keep_until(self, step: int, eval_every: int) -> None:
+    """Drops what a killed run wrote after iteration `step`, keeping its evaluations."""
+    if not self.workdir:
+      return
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    records = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            records.append(json.loads(line))
+          except ValueError:  # a line cut short by the kill
+            break
+    self.evals = [r for r in records if r.get("type") == "eval"
+                  and r.get("iteration", 0) <= step and r["iteration"] % eval_every == 0]
+    write_atomically(path, "".join(json.dumps(r) + "\n" for r in self.evals))
+    tensorboard.write_events(self.evals, self.workdir, self.algorithm)
+
+  def write(self, record: dict) -> None:
+    if record.get("type") == "eval":
+      self.evals.append(record)
+    if not self.workdir:
+      return
+    with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if record.get("type") == "eval":
+      tensorboard.write_events(self.evals, self.workdir, self.algorithm)
+
+  def finish(self) -> None:
+    if not self.workdir or not self.evals:
+      return
+    with open(os.path.join(self.workdir, "eval.csv"), "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=self.EVAL_FIELDS, extrasaction="ignore")
+      writer.writeheader()
+      writer.writerows(self.evals)
+    plot_accuracy(self.evals, os.path.join(self.workdir, "accuracy.png"))
+
+
+def plot_accuracy(evals: list[dict], path: str) -> None:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:  # plots are a convenience; the CSV has the numbers
+    return
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot([e["iteration"] for e in evals], [100 * e["test_accuracy"] for e in evals], "o-")
+  ax.set_xlabel("iteration")
+  ax.set_ylabel("test accuracy (%)")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def mean_metrics(stacked: dict) -> dict[str, float]:
+  """Each train metric averaged over the window; the learning rates (`lr_*`) as of its
+  last iteration, the rate the evaluated model was last stepped with."""
+  return {k: float(np.mean(v[-1] if k.startswith("lr_") else v))
+          for k, v in jax.device_get(stacked).items()}
+
+
+def write_atomically(path: str, text: str) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def joined_window(window: list[dict]) -> dict:
+  """The train metrics since the last evaluation, one array per metric."""
+  return {k: np.concatenate([m[k] for m in window]) for k in window[0]} if window else {}
+
+
+def window_to_json(window: list[dict]) -> dict:
+  """The train metrics since the last evaluation, exactly (float32 -> JSON -> float32)."""
+  return {k: {"dtype": str(v.dtype), "values": v.tolist()}
+          for k, v in joined_window(window).items()}
+
+
+def window_from_json(saved: dict) -> list[dict]:
+  if not saved:
+    return []
+  return [{k: np.asarray(v["values"], dtype=v["dtype"]) for k, v in saved.items()}]
+
+
+def resume(checkpoints: Checkpoints, state: RoundState, fingerprint: str,
+           writer: "MetricsWriter", eval_every: int) -> tuple[RoundState, int, list[dict]]:
+  """The latest checkpoint's state, step and train window; the workdir's metrics are
+  cut back to that step (records written after it are redone by this run), and an
+  earlier invocation's end-of-run evaluation off the eval_every grid is dropped, so the
+  file reads as the uninterrupted run's."""
+  step = checkpoints.latest_step()
+  if step is None:
+    writer.keep_until(0, eval_every)
+    return state, 0, []
+  state, loop = checkpoints.restore(step, state)
+  if loop.get("partition") != fingerprint:
+    raise CheckpointError(f"the checkpoint in {checkpoints.directory} was made with another "
+                          f"partition of the data (has the dataset changed?); use a new "
+                          f"--workdir")
+  writer.keep_until(step, eval_every)
+  return state, step, window_from_json(loop.get("train_window", {}))
+
+
+def evaluation_record(evaluate, state: RoundState, data, client_ids, test, train_window,
+                      step: int, iters_per_epoch: int, wall_s: float) -> dict[str, Any]:
+  """Test accuracy and loss (the mean over seeds, with each seed's and the spread when
+  there are several) and the train metrics averaged since the last evaluation."""
+  result = jax.device_get(evaluate(state, data.weights_C, client_ids, test))
+  accuracy, loss = np.asarray(result["accuracy"]), np.asarray(result["loss"])
+  train = mean_metrics(joined_window(train_window))
+  record = {"type": "eval", "iteration": step, "epoch": round(step / iters_per_epoch, 4),
+            "test_accuracy": float(accuracy.mean()), "test_loss": float(loss.mean())}
+  if accuracy.ndim:  # num_seeds > 1
+    record.update(test_accuracy_std=float(accuracy.std()),
+                  test_accuracy_seeds=[float(a) for a in accuracy],
+                  test_loss_seeds=[float(v) for v in loss])
+  return {**record, **train, "wall_s": round(wall_s, 2)}
+
