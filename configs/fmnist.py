@@ -9,7 +9,7 @@ The argument is an algorithm (`python -m lfmjax.main --list`), optionally follow
 components switched on over it, the others off: `psl,loc,fed` is PSL + Loc + Fed
 without Mix (big_vision's config arguments: one file, no copies per algorithm).
 
-Expected (the demo): about 87-88 % test accuracy after 600 iterations (87.46 % measured
+Expected (the demo): about 87-88 % test accuracy after 600 iterations (87.29 % measured
 2026-12-01), in about 2 minutes of training on 2 CPU cores (bench_cnn on 28x28x1, Adam
 1e-3, batch 32 per client).
 """
