@@ -33,7 +33,7 @@ test: venv
 # The round on the paths users run against the PyTorch peer (BUILD.md: Speed; about 21 min).
 bench: venv
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m lfmjax.bench --iters 3 --repeats 2 --out runs/bench
+	$(PY) benchmarks/bench.py --iters 3 --repeats 2 --out runs/bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

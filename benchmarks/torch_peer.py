@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """lfmjax's PyTorch peer: one split-learning iteration written the way a PyTorch user
 would, a Python loop over clients, each with its own lower model (and decoder) and its
-own optimizer. `python -m lfmjax.bench` runs it, point by point, in a fresh process and
+own optimizer. `python benchmarks/bench.py` runs it, point by point, in a fresh process and
 compares lfmjax's throughput with it.
 
 It is the project's own peer, derived from the project's first one,
@@ -19,7 +19,7 @@ Flags:
   --optimizer    sgd (default) | adam, used on both sides: one per client (its lower
                  model and decoder) and one for the server's upper model.
                  Adam is torch.optim.Adam(lr) with the default betas and eps.
-  --lr           learning rate of both sides (default 0.01; lfmjax.bench passes 1e-3
+  --lr           learning rate of both sides (default 0.01; benchmarks/bench.py passes 1e-3
                  with adam).
   --mu           weight of the decoder (local MI) loss in locfedmix (default 1).
 

@@ -4,7 +4,7 @@
       python experiments/scale_out.py --clients 1000 --batch 8 --iters 3 [--path psl_sgd]
 
 Runs `--iters` iterations of the sharded round (lfmjax.mesh: clients split over a
-'clients' mesh axis, server replicated) of one of `lfmjax.bench`'s paths (default
+'clients' mesh axis, server replicated) of one of `benchmarks/bench.py`'s paths (default
 LocFedMix-SL with Adam) on its model with random 32x32x3 data, and
 prints, per device, the bytes of the state and client data it holds (its shards) and the
 compiled per-device program's argument/output/temporary bytes, the process's peak
@@ -16,13 +16,17 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import resource
+import sys
 import time
 
 import jax
 import numpy as np
 
-from lfmjax.bench import INPUT_SHAPE, NUM_CLASSES, PATHS, round_config
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+from bench import INPUT_SHAPE, NUM_CLASSES, PATHS, round_config  # noqa: E402
 from lfmjax.mesh import (jit_sharded, make_mesh, make_placement, pad_data, pad_state,
                          padded_num_clients, padded_round, put_global)
 from lfmjax.models import get_model

@@ -1,15 +1,15 @@
 """Throughput of lfmjax's round against a PyTorch per-client loop, on the paths users run.
 
-    python -m lfmjax.bench                                  # every path, both sides, twice
-    python -m lfmjax.bench --paths psl_sgd --repeats 1      # one path
-    python -m lfmjax.bench --path locfedmix_adam --clients 100 --batch 8 --json  # one point
+    python benchmarks/bench.py                                  # every path, both sides, twice
+    python benchmarks/bench.py --paths psl_sgd --repeats 1      # one path
+    python benchmarks/bench.py --path locfedmix_adam --clients 100 --batch 8 --json  # one point
 
 Paths (`PATHS`): LocFedMix-SL with Adam (every shipped config's optimiser; per-client
 segments), PSL with SGD (no FedAvg: per-client), LocFedMix-SL with SGD and FedAvg after
 every iteration (the averaged-clients shortcut), resnet16 PSL with Adam at batch 8 (SGLR's
 split), and 4 seeds vmapped in one program against 1 (lfmjax alone). Every point runs in
 a fresh process, lfmjax and the PyTorch peer (`benchmarks/torch_peer.py`, the project's
-own, outside the installed package; skipped when torch or the file is absent) interleaved
+own; skipped when torch is absent) interleaved
 A B A B, `--repeats` times. The table gives medians of samples/s (client samples per
 second), the ratio, the per-pair ratios, lfmjax's compile time and each side's peak
 resident memory; it goes to `bench.md` and `bench.json` in `--out`, followed by the
@@ -36,7 +36,7 @@ from pathlib import Path
 
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
-TORCH_PEER = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_peer.py"
+TORCH_PEER = Path(__file__).resolve().parent / "torch_peer.py"
 BENCH_POINTS = ((1, 256), (10, 32), (100, 8), (1000, 8))
 
 
@@ -168,7 +168,8 @@ def commands(name: str, path: BenchPath, clients: int, batch: int, iters: int,
   sides = []
   for seeds in path.seeds or (1,):
     side = f"jax x{seeds}" if path.seeds else "jax"
-    sides.append((side, [sys.executable, "-m", "lfmjax.bench", "--path", name, "--clients",
+    sides.append((side, [sys.executable, str(Path(__file__).resolve()), "--path", name,
+                         "--clients",
                          str(clients), "--batch", str(batch), "--iters", str(iters),
                          "--seeds", str(seeds), "--json"]))
   if torch_script is not None and not path.seeds:
