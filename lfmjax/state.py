@@ -18,7 +18,8 @@ import optax
 
 from lfmjax.algorithms import RoundConfig
 from lfmjax.data import client_weights
-from lfmjax.models import SplitModel, init_split
+from lfmjax.models import SplitModel, has_stem, init_split
+from lfmjax.models.util import check_stem, smashed_shape
 from lfmjax.optim import make_optimizer
 
 CLIENT_MODULES = ("lower", "decoder", "aux_head")
@@ -108,6 +109,9 @@ def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,
   cfg = with_optimizers(cfg, client_tx, server_tx)
   key_model, key_run = jax.random.split(key)
   variables = init_split(model, key_model, x_example)
+  if cfg.smashmix and has_stem(model.upper):
+    s_shape = smashed_shape(model, x_example.shape[1:])
+    check_stem(model.upper, variables["upper"], jnp.zeros((1,) + tuple(s_shape)))
   client_params, client_stats = {}, {}
   for name in CLIENT_MODULES:
     params, stats = split_variables(variables[name])

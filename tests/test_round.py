@@ -610,3 +610,43 @@ def test_batchnorm_round_equals_plain_loop(name, averaged):
                                  else upper_stats), atol=2e-5, rtol=2e-5)
     chex.assert_trees_all_close((state.clients.params["lower"], state.clients.stats["lower"]),
                                 (lowers, lower_stats), atol=2e-5, rtol=2e-5)
+
+
+class ReluStemUpper(nn.Module):
+  """Declares stem/head, but its stem is not affine."""
+  def setup(self):
+    self.dense = nn.Dense(6)
+    self.out = nn.Dense(N_CLS)
+
+  def stem(self, s, train: bool = False):
+    return nn.relu(self.dense(s.reshape(s.shape[0], -1)))
+
+  def head(self, z, train: bool = False):
+    return self.out(z)
+
+  def __call__(self, s, train: bool = False):
+    return self.head(self.stem(s, train), train)
+
+
+class BNStemUpper(ReluStemUpper):
+  """Declares stem/head, but its stem normalises by the batch."""
+  def setup(self):
+    from lfmjax.models.batch_norm import BatchNorm
+    self.dense = nn.Dense(6)
+    self.norm = BatchNorm(use_running_average=False)
+    self.out = nn.Dense(N_CLS)
+
+  def stem(self, s, train: bool = False):
+    return self.norm(self.dense(s.reshape(s.shape[0], -1)))
+
+
+@pytest.mark.parametrize("upper,message", [(ReluStemUpper(), "is not affine"),
+                                           (BNStemUpper(), "updates batch statistics")])
+def test_a_stem_that_is_not_affine_is_refused(upper, message):
+  model = SplitModel(lower=Lower(), upper=upper, decoder=Decoder(), aux_head=AuxHead(N_CLS),
+                     name="bad_stem")
+  cfg = algorithm_cfg("locfedmix")
+  with pytest.raises(ValueError, match=message):
+    lfmjax.init_state(cfg, model, jax.random.PRNGKey(0), jnp.zeros((B, H, H, 1)))
+  # Without SmashMix the declaration is unused, and nothing is refused.
+  lfmjax.init_state(algorithm_cfg("psl"), model, jax.random.PRNGKey(0), jnp.zeros((B, H, H, 1)))

@@ -71,6 +71,36 @@ def has_stem(module: nn.Module) -> bool:
   return callable(getattr(module, "stem", None)) and callable(getattr(module, "head", None))
 
 
+def check_stem(upper: nn.Module, variables: dict, s_example: jax.Array) -> None:
+  """Refuses an upper whose declared `stem` is not what SmashMix-after-the-stem needs:
+  affine in s (a convex mix of inputs gives the same mix of outputs) and without batch
+  statistics (which would make a sample's output depend on its batch). Checked on
+  random smashed data at initialisation, so a wrong declaration is an error, not a
+  silently different algorithm."""
+  key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+  shape = (4,) + tuple(s_example.shape[1:])
+  a, b = jax.random.normal(key_a, shape), jax.random.normal(key_b, shape)
+
+  def stem(s):
+    out, new = upper.apply(variables, s, train=True, method="stem", mutable=True)
+    return out, new
+
+  out_a, new_a = stem(a)
+  before, after = variables.get("batch_stats", {}), new_a.get("batch_stats", {})
+  if any(bool(jnp.any(x != y)) for x, y in zip(jax.tree.leaves(before),
+                                                jax.tree.leaves(after))):
+    raise ValueError(f"{type(upper).__name__}.stem updates batch statistics; SmashMix after "
+                     f"the stem needs a stem without them: drop `stem`/`head` from the upper")
+  mixed = stem(0.3 * a + 0.7 * b)[0]
+  expected = 0.3 * out_a + 0.7 * stem(b)[0]
+  scale = float(jnp.max(jnp.abs(expected))) + 1e-6
+  if float(jnp.max(jnp.abs(mixed - expected))) > 1e-4 * scale:
+    raise ValueError(f"{type(upper).__name__}.stem is not affine in s (a mix of inputs does "
+                     f"not give the same mix of outputs); SmashMix after the stem would be "
+                     f"another algorithm: drop `stem`/`head` from the upper or make the stem "
+                     f"affine")
+
+
 def smashed_shape(model: SplitModel, input_shape: tuple[int, ...]) -> tuple[int, ...]:
   """Shape of the smashed data of one sample (no batch axis), without computing it."""
   x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
