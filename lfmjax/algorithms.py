@@ -177,9 +177,7 @@ class RoundConfig:
 
   @property
   def server_updates_per_iteration(self) -> int:
-    """Server optimiser steps an iteration: one per client where it steps client by
-    client (SFL-V2, SL), else one."""
-    return self.num_clients if self.server_mode in ("sequential", "relay") else 1
+    return server_updates_per_iteration(self.server_mode, self.num_clients)
 
   @property
   def num_gradmix(self) -> int:
@@ -188,6 +186,12 @@ class RoundConfig:
       return 0
     m = int(round(self.gradmix_fraction * self.num_clients))
     return m if m >= 2 else 0
+
+
+def server_updates_per_iteration(server_mode: str, num_clients: int) -> int:
+  """Server optimiser steps an iteration: one per client where it steps client by
+  client (SFL-V2, SL), else one."""
+  return num_clients if server_mode in ("sequential", "relay") else 1
 
 
 def resolve_switches(config: Any) -> dict[str, bool]:
@@ -211,8 +215,8 @@ def round_config_from(config: Any, num_classes: int) -> RoundConfig:
   if server_lr is None:  # SGLR's SplitLr: eta_s = eta_c * C ** alpha_lr
     server_lr = config.client_lr * config.num_clients ** config.server_lr_exponent
   server_mode = algorithm["server"]
-  server_steps = config.num_iterations * (
-      config.num_clients if server_mode in ("sequential", "relay") else 1)
+  server_steps = config.num_iterations * server_updates_per_iteration(server_mode,
+                                                                      config.num_clients)
   return RoundConfig(
       num_clients=config.num_clients,
       batch_size=config.batch_size,

@@ -99,8 +99,7 @@ def scale_clients(weights_C: jax.Array, a_Cx: jax.Array) -> jax.Array:
   """w_k * a_k for every client k (the weights broadcast over a's other axes); exactly
   0 for a client of weight 0, whatever its values (NaN included): a client without
   data contributes nothing."""
-  w = _per_client(weights_C, a_Cx)
-  return jnp.where(w > 0, w * a_Cx, jnp.zeros_like(a_Cx))
+  return only_present(weights_C, _per_client(weights_C, a_Cx) * a_Cx)
 
 
 def weighted_sum(weights_C: jax.Array, a_Cx: jax.Array) -> jax.Array:
@@ -111,7 +110,7 @@ def weighted_sum(weights_C: jax.Array, a_Cx: jax.Array) -> jax.Array:
 def per_weight(weights_C: jax.Array, a_Cx: jax.Array) -> jax.Array:
   """a_k / w_k for every client, 0 where w_k = 0 (no division by zero)."""
   w = _per_client(weights_C, a_Cx)
-  return jnp.where(w > 0, a_Cx / jnp.where(w > 0, w, 1), jnp.zeros_like(a_Cx))
+  return only_present(weights_C, a_Cx / jnp.where(w > 0, w, 1))
 
 
 def only_present(weights_C: jax.Array, a_Cx: jax.Array) -> jax.Array:
