@@ -3,10 +3,10 @@ ablation on the same setting through the config argument.
 
     python -m lfmjax.main --config=configs/fmnist.py --workdir=runs/fmnist
     python -m lfmjax.main --config=configs/fmnist.py:psl --workdir=runs/psl
-    python -m lfmjax.main --config=configs/fmnist.py:psl,loc,fed --workdir=runs/locfed
+    python -m lfmjax.main --config=configs/fmnist.py:psl,local_loss,fedavg --workdir=runs/locfed
 
 The argument is an algorithm (`python -m lfmjax.main --list`), optionally followed by
-components switched on over it, the others off: `psl,loc,fed` is PSL + Loc + Fed
+components switched on over it, the others off: `psl,local_loss,fedavg` is PSL + Loc + Fed
 without Mix (big_vision's config arguments: one file, no copies per algorithm).
 
 Expected (the demo): about 87-88 % test accuracy after 600 iterations (87.29 % measured

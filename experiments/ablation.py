@@ -3,8 +3,8 @@
     python experiments/ablation.py            # (hours)
     python experiments/ablation.py --quick    # minutes
 
-The eight subsets are `psl` with the switches `loc`, `fed`, `mix` set (the empty set is
-PSL, all three is LocFedMix-SL), with `--seeds` seeds in one program each. Writes
+The eight subsets are `psl` with the switches `local_loss`, `fedavg`, `smashmix` set
+(the empty set is PSL, all three is LocFedMix-SL), with `--seeds` seeds in one program each. Writes
 `results/ablation_<setting>/ablation_<setting>.csv` and a bar chart `.png`.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def make_runs(args) -> list[common.Run]:
       config = common.make_config(args, algorithm, clients, iterations)
     else:
       config = common.make_config(args, "psl", clients, iterations)
-      config.loc, config.fed, config.mix = loc, fed, mix
+      config.local_loss, config.fedavg, config.smashmix = loc, fed, mix
     parts = [n for n, on in (("loc", loc), ("fed", fed), ("mix", mix)) if on]
     subset = "+".join(parts) or "none (psl)"
     if args.subsets and ("_".join(parts) or "psl") not in args.subsets.split(","):

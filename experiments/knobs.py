@@ -17,7 +17,7 @@ KNOBS = {  # config field -> values (the default first)
     "fedavg_every": (1, 5, 20),
     "num_mixed": (1, 4),
     "mixup_alpha": (2.0, 0.5, 8.0),
-    "mu": (1.0, 0.0, 0.3),
+    "local_loss_weight": (1.0, 0.0, 0.3),  # mu
 }
 QUICK_KNOBS = {k: v[:2] for k, v in KNOBS.items()}
 

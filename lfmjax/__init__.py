@@ -2,7 +2,7 @@
 
 The public API for composing the round into your own JAX code:
 
-    cfg = lfmjax.RoundConfig(num_clients=10, batch_size=32, num_classes=10)
+    cfg = lfmjax.preset("locfedmix", num_clients=10, batch_size=32, num_classes=10)
     model = lfmjax.SplitModel(lower=..., upper=..., decoder=..., aux_head=..., name="mine")
     state = lfmjax.init_state(cfg, model, jax.random.PRNGKey(0), x_example)
     data = lfmjax.make_data(train_x_uint8, train_y, idx_CxM, sizes_C)
@@ -23,7 +23,7 @@ Sharded over every device (`lfmjax.mesh`; clients padded to a multiple of the de
         placement)
 """
 from lfmjax import data, mesh
-from lfmjax.algorithms import ALGORITHMS, RoundConfig, round_config_from
+from lfmjax.algorithms import ALGORITHMS, RoundConfig, SpecError, preset, round_config_from
 from lfmjax.evaluate import make_evaluate, pad_to_chunks
 from lfmjax.mesh import jit_sharded, make_mesh, make_placement, padded_round, put_global
 from lfmjax.models import SplitModel, get_model
@@ -33,10 +33,10 @@ from lfmjax.round import make_multi_step, make_round_step
 from lfmjax.state import RoundData, RoundState, init_state, make_data
 
 __all__ = [
-    "ALGORITHMS", "OptimizerSpec", "RoundConfig", "RoundData", "RoundState", "SplitModel", "compiler_options",
-    "data",
-    "get_model", "init_state", "jit_sharded", "make_data", "make_evaluate", "make_mesh",
-    "make_multi_step", "make_optimizer", "make_placement", "make_round_step", "mesh", "pad_to_chunks",
-    "make_schedule", "padded_round", "put_global", "round_config_from",
+    "ALGORITHMS", "OptimizerSpec", "RoundConfig", "RoundData", "RoundState", "SpecError",
+    "SplitModel", "compiler_options", "data", "get_model", "init_state", "jit_sharded",
+    "make_data", "make_evaluate", "make_mesh", "make_multi_step", "make_optimizer",
+    "make_placement", "make_round_step", "make_schedule", "mesh", "pad_to_chunks",
+    "padded_round", "preset", "put_global", "round_config_from",
 ]
 __version__ = "0.1.0"

@@ -113,7 +113,7 @@ def make_ledger(cfg: RoundConfig, model: SplitModel, state: RoundState,
   s = smashed_shape(cfg, model, data)
   smashed = int(np.prod(s.shape)) * s.dtype.itemsize  # B * S(L)
   up = smashed + cfg.batch_size * LABEL_BYTES
-  down = 0 if cfg.download == "none" else smashed
+  down = 0 if cfg.client_gradient == "none" else smashed
   if cfg.server_mode == "relay" and cfg.num_clients > 1:
     handoff = tree_bytes(one_client([state.clients.params["lower"],
                                      state.clients.stats["lower"]]))
@@ -146,7 +146,7 @@ def count_flops(cfg: RoundConfig, model: SplitModel, state: RoundState, data: Ro
 
   client = compiled_flops(client_work, clients.params, clients.stats, clients.opt_state,
                           x_model, x01, y, s)
-  if cfg.server_mode == "shared":
+  if cfg.server_mode == "single":
     phase = round_lib.make_server_phase(cfg, model)
     c = cfg.num_clients
     server = compiled_flops(
@@ -170,7 +170,7 @@ def make_latency(cfg: RoundConfig, model: SplitModel, state: RoundState, data: R
   down_s = ledger.down_per_iteration / rates.downlink_bytes_per_s
   if cfg.server_mode == "relay":
     iteration_s = cfg.num_clients * (client_s + up_s + down_s) + server_s
-  elif cfg.download == "none":
+  elif cfg.client_gradient == "none":
     iteration_s = max(client_s + up_s, server_s)
   else:
     iteration_s = client_s + up_s + server_s + down_s

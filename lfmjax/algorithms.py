@@ -2,12 +2,16 @@
 
 Every parallel split-learning algorithm in lfmjax is LocFedMix-SL's round (Oh et al.,
 WWW 2022) with some of its components switched off: `psl` is LocFedMix-SL without
-Loc, Fed and Mix. An algorithm name only fills in the switches the config leaves as
-`None`, so an ablation is a config (`--config.algorithm=psl --config.fed=True`), not code.
+Loc, Fed and Mix. An algorithm is a preset of `RoundConfig`'s fields (`preset`); a config's
+switches left as `None` are the algorithm's, so an ablation is a config
+(`--config.algorithm=psl --config.fedavg=True`), not code. The config, the CLI and the
+API name every field alike, and `RoundConfig` checks the composition rules itself, so
+all three get the same one-line errors.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import optax
@@ -15,32 +19,34 @@ import optax
 from lfmjax.data import preprocess
 from lfmjax.optim import OptimizerSpec
 
-# Each algorithm: its component switches (`None` in a config means "the algorithm's")
-# and its structure, which no switch changes:
-#   server:   shared     one server, one step on sum_k delta_k (L_k + L~_k)
-#             per_client one server copy per client, averaged with the lowers (SFL-V1)
-#             sequential one server, a step per client in a random order (SFL-V2)
-#             relay      clients one after another, the lower handed on (vanilla SL)
-#   download: own        client k receives dL_k/ds_k
-#             none       clients receive nothing and learn from a local head (LocSplitFed)
-SWITCHES = ("loc", "fed", "mix", "gradmix")
+# Each algorithm is a preset of RoundConfig's fields: its component switches (`None` in a
+# config means "the algorithm's") and its structure, which no switch changes:
+#   server_mode:     single     one server, one step on sum_k delta_k (L_k + L~_k)
+#                    per_client one server copy per client, averaged with the lowers (SFL-V1)
+#                    sequential one server, a step per client in a random order (SFL-V2)
+#                    relay      clients one after another, the lower handed on (vanilla SL)
+#   client_gradient: own        client k receives dL_k/ds_k
+#                    none       clients receive nothing and learn from a local head (LocSplitFed)
+SWITCHES = ("local_loss", "fedavg", "smashmix", "gradmix")
+STRUCTURE = ("server_mode", "client_gradient", "local_ce_weight")
+
+
+def _preset(local_loss=False, fedavg=False, smashmix=False, gradmix=False,
+            server_mode="single", client_gradient="own", local_ce_weight=0.0) -> dict:
+  return dict(local_loss=local_loss, fedavg=fedavg, smashmix=smashmix, gradmix=gradmix,
+              server_mode=server_mode, client_gradient=client_gradient,
+              local_ce_weight=local_ce_weight)
+
+
 ALGORITHMS: dict[str, dict] = {
-    "sl": dict(loc=False, fed=False, mix=False, gradmix=False, server="relay",
-               download="own", local_ce_weight=0.0),
-    "psl": dict(loc=False, fed=False, mix=False, gradmix=False, server="shared",
-                download="own", local_ce_weight=0.0),
-    "sfl_v1": dict(loc=False, fed=True, mix=False, gradmix=False, server="per_client",
-                   download="own", local_ce_weight=0.0),
-    "sfl_v2": dict(loc=False, fed=True, mix=False, gradmix=False, server="sequential",
-                   download="own", local_ce_weight=0.0),
-    "locsplitfed": dict(loc=False, fed=True, mix=False, gradmix=False, server="shared",
-                        download="none", local_ce_weight=1.0),
-    "locfedmix": dict(loc=True, fed=True, mix=True, gradmix=False, server="shared",
-                      download="own", local_ce_weight=0.0),
-    "sglr": dict(loc=False, fed=False, mix=False, gradmix=True, server="shared",
-                 download="own", local_ce_weight=0.0),
-    "mix2sfl": dict(loc=False, fed=True, mix=True, gradmix=True, server="shared",
-                    download="own", local_ce_weight=0.0),
+    "sl": _preset(server_mode="relay"),
+    "psl": _preset(),
+    "sfl_v1": _preset(fedavg=True, server_mode="per_client"),
+    "sfl_v2": _preset(fedavg=True, server_mode="sequential"),
+    "locsplitfed": _preset(fedavg=True, client_gradient="none", local_ce_weight=1.0),
+    "locfedmix": _preset(local_loss=True, fedavg=True, smashmix=True),
+    "sglr": _preset(gradmix=True),
+    "mix2sfl": _preset(fedavg=True, smashmix=True, gradmix=True),
 }
 
 ALGORITHM_HELP: dict[str, str] = {
@@ -48,27 +54,44 @@ ALGORITHM_HELP: dict[str, str] = {
     "psl": "parallel SL: one server step on sum_k delta_k L_k, each client gets its own gradient",
     "sfl_v1": "SplitFed V1: one server copy per client, averaged; FedAvg of lowers",
     "sfl_v2": "SplitFed V2: one server stepping client after client in a random order; FedAvg",
-    "locsplitfed": "LocSplitFed: clients learn from a local aux head, no gradient download; FedAvg",
+    "locsplitfed": "LocSplitFed: clients learn from a local aux head, no gradient from the server; FedAvg",
     "locfedmix": "LocFedMix-SL: PSL + local MI loss (Loc) + FedAvg (Fed) + SmashMix (Mix)",
     "sglr": "SGLR: PSL + SplitLr (eta_s = eta_c C^server_lr_exponent) + GradMix (fraction phi)",
     "mix2sfl": "Mix2SFL: PSL + SmashMix + GradMix + FedAvg",
 }
 
 SWITCH_HELP: dict[str, str] = {
-    "loc": "local MI loss: a decoder per client reconstructs x from s (weight mu)",
-    "fed": "FedAvg of the client segments every fedavg_every (T_c) iterations",
-    "mix": "SmashMix: num_mixed manifold-mixup batches across clients, Beta(mixup_alpha)",
+    "local_loss": "Loc: a decoder per client reconstructs x from s (weight local_loss_weight, mu)",
+    "fedavg": "Fed: FedAvg of the client segments every fedavg_every (T_c) iterations",
+    "smashmix": "Mix: num_mixed manifold-mixup batches across clients, Beta(mixup_alpha)",
     "gradmix": "GradMix: a random fraction gradmix_fraction (phi) of clients gets their mean gradient",
 }
 
 NORMALIZATIONS = ("none", "pm1", "standard")
-SERVER_MODES = ("shared", "per_client", "sequential", "relay")
-DOWNLOADS = ("own", "none")
+SERVER_MODES = ("single", "per_client", "sequential", "relay")
+CLIENT_GRADIENTS = ("own", "none")
+LOCAL_LOSS_KINDS = ("bce", "mse")
+MAX_SIDE = 512      # resize_to: a bound, since the side sizes every buffer of the run
+MAX_CHANNELS = 16   # channels: grey repeated up to this
+
+
+class SpecError(ValueError):
+  """A RoundConfig that cannot work. `problems` holds (field, value, fix) triples, so a
+  caller can name the fields in its own terms (the CLI: `config.FIELD`)."""
+
+  def __init__(self, problems: list[tuple[str, Any, str]]):
+    self.problems = problems
+    super().__init__("RoundConfig: " + "; ".join(f"{field}={value!r}: {fix}"
+                                                 for field, value, fix in problems))
 
 
 @dataclasses.dataclass(frozen=True)
 class RoundConfig:
-  """Everything `make_round_step` needs, resolved and hashable (static under jit)."""
+  """Everything `make_round_step` needs, resolved and hashable (static under jit).
+
+  It checks its own composition rules when built (`SpecError`); the presets in
+  ALGORITHMS are partial instances of it (`preset`).
+  """
   num_clients: int
   batch_size: int
   num_classes: int
@@ -86,14 +109,14 @@ class RoundConfig:
   fedavg: bool = True
   fedavg_every: int = 1                   # T_c
   fedavg_opt_state: bool = False
-  # Compute the clients as one shared model where that is exact (`clients_averaged`).
+  # The averaged client phase where it is exact (`clients_averaged`); False: never.
   averaged_clients: bool = True
   # GradMix (SGLR's SplitAvg): fraction phi of clients receiving their mean gradient.
   gradmix: bool = False
   gradmix_fraction: float = 0.5
   # Structure (see ALGORITHMS).
-  server_mode: str = "shared"
-  download: str = "own"
+  server_mode: str = "single"
+  client_gradient: str = "own"
   # Optimisers: named by specs (`lfmjax.optim`), or any optax transformation, which
   # replaces the spec of its side (`make_round_step(..., client_tx=...)`).
   client_opt: OptimizerSpec = OptimizerSpec()
@@ -109,38 +132,72 @@ class RoundConfig:
 
   def __post_init__(self):
     """Refuses settings that cannot work or that the round would silently ignore."""
-    problems = [text for bad, text in (
-        (self.num_clients < 1, f"num_clients={self.num_clients} must be at least 1"),
-        (self.batch_size < 1, f"batch_size={self.batch_size} must be at least 1"),
-        (self.num_classes < 2, f"num_classes={self.num_classes} must be at least 2"),
-        (self.server_mode not in SERVER_MODES,
-         f"server_mode={self.server_mode!r} is unknown; use one of {', '.join(SERVER_MODES)}"),
-        (self.download not in DOWNLOADS,
-         f"download={self.download!r} is unknown; use one of {', '.join(DOWNLOADS)}"),
-        (self.local_loss_kind not in ("bce", "mse"),
-         f"local_loss_kind={self.local_loss_kind!r}: use 'bce' or 'mse'"),
-        (self.normalize not in NORMALIZATIONS,
-         f"normalize={self.normalize!r}: use one of {', '.join(NORMALIZATIONS)}"),
-        (self.fedavg_every < 1, f"fedavg_every={self.fedavg_every} (T_c) must be at least 1"),
-        (self.num_mixed < 1, f"num_mixed={self.num_mixed} (n_s) must be at least 1"),
-        (not self.mixup_alpha > 0, f"mixup_alpha={self.mixup_alpha} must be positive"),
-        (not 0.0 < self.gradmix_fraction <= 1.0,
-         f"gradmix_fraction={self.gradmix_fraction} (phi) must be in (0, 1]"),
-        (self.server_mode == "relay" and (self.fedavg or self.smashmix or self.gradmix),
-         "vanilla SL (server_mode='relay') hands one lower from client to client: no "
-         "fedavg, smashmix or gradmix"),
-        (self.smashmix and self.server_mode != "shared",
-         f"smashmix needs one shared server (server_mode='shared'), not "
-         f"{self.server_mode!r}"),
-        (self.download == "none" and self.local_ce_weight == 0.0,
-         "download='none' leaves the clients only the aux head: set local_ce_weight > 0"),
+    problems = [(field, getattr(self, field), fix) for bad, field, fix in self._rules()
+                if bad]
+    if problems:
+      raise SpecError(problems)
+
+  def _rules(self):
+    """(broken, field, fix) for every rule: ranges, names, then the composition."""
+    yield from (
+        (self.num_clients < 1, "num_clients", "must be at least 1"),
+        (self.batch_size < 1, "batch_size", "must be at least 1"),
+        (self.num_classes < 2, "num_classes", "must be at least 2"),
+        (self.server_mode not in SERVER_MODES, "server_mode",
+         f"use one of {', '.join(SERVER_MODES)}"),
+        (self.client_gradient not in CLIENT_GRADIENTS, "client_gradient",
+         f"use one of {', '.join(CLIENT_GRADIENTS)}"),
+        (self.local_loss_kind not in LOCAL_LOSS_KINDS, "local_loss_kind",
+         f"use one of {', '.join(LOCAL_LOSS_KINDS)}"),
+        (not 0.0 <= self.local_loss_weight < math.inf, "local_loss_weight",
+         "the local-loss weight (mu) must be >= 0"),
+        (not 0.0 <= self.local_ce_weight < math.inf, "local_ce_weight", "must be >= 0"),
+        (self.fedavg_every < 1, "fedavg_every", "T_c must be at least 1"),
+        (self.num_mixed < 1, "num_mixed", "n_s must be at least 1"),
+        (not 0.0 < self.mixup_alpha < math.inf, "mixup_alpha",
+         "Beta(alpha, alpha) needs alpha > 0"),
+        (not 0.0 < self.gradmix_fraction <= 1.0, "gradmix_fraction", "phi must be in (0, 1]"),
+        *self._input_rules(),
+        *self._composition_rules(),
         *((tx is not None and not (callable(getattr(tx, "init", None))
                                    and callable(getattr(tx, "update", None))),
-           f"{side}_tx must be an optax.GradientTransformation")
+           f"{side}_tx", "must be an optax.GradientTransformation")
           for side, tx in (("client", self.client_tx), ("server", self.server_tx))),
-    ) if bad]
-    if problems:
-      raise ValueError(f"RoundConfig: {'; '.join(problems)}")
+    )
+
+  def _input_rules(self):
+    channels = self.channels
+    for bad, field, fix in (
+        (self.normalize not in NORMALIZATIONS, "normalize",
+         f"use one of {', '.join(NORMALIZATIONS)}"),
+        (self.resize_to is not None and not 2 <= self.resize_to <= MAX_SIDE, "resize_to",
+         f"a square side in [2, {MAX_SIDE}] pixels (or None: as stored)"),
+        (channels is not None and not 1 <= channels <= MAX_CHANNELS, "channels",
+         f"1 to {MAX_CHANNELS} (grey repeated), or None: as stored"),
+        (self.normalize == "standard" and not (self.mean and self.std), "normalize",
+         "'standard' needs mean and std, one value per channel"),
+        (self.mean is not None and channels is not None and len(self.mean) != channels,
+         "mean", f"one value per channel ({channels})"),
+        (self.std is not None and channels is not None and len(self.std) != channels,
+         "std", f"one value per channel ({channels})"),
+        (self.std is not None and any(not 0 < v < math.inf for v in self.std), "std",
+         "every value must be positive"),
+    ):
+      yield bad, field, fix
+
+  def _composition_rules(self):
+    """What an algorithm's structure cannot take (SPEC.md's table)."""
+    relay = self.server_mode == "relay"
+    for name in ("fedavg", "smashmix", "gradmix"):
+      yield (relay and getattr(self, name), name,
+             "vanilla SL (server_mode='relay') hands one lower from client to client; "
+             f"turn {name} off or pick a parallel algorithm")
+    yield (self.smashmix and not relay and self.server_mode != "single", "smashmix",
+           f"SmashMix needs a single server (server_mode='single'), not "
+           f"{self.server_mode!r}: use psl, sglr or locfedmix")
+    yield (self.client_gradient == "none" and self.local_ce_weight == 0.0, "local_ce_weight",
+           "with client_gradient='none' the clients learn only from the aux head: set it "
+           "above 0")
 
   def preprocess(self, x_uint8):
     """uint8 images -> (x_model, x01) with this run's resize, channels, normalisation."""
@@ -157,7 +214,7 @@ class RoundConfig:
 
   @property
   def clients_averaged(self) -> bool:
-    """Whether the round may compute all clients with one shared copy of their segments.
+    """Whether the round may compute all clients with one copy of their segments.
 
     With FedAvg after every iteration, every client starts each iteration from the same
     segments (they all start from one initialisation), and with plain SGD (momentum
@@ -174,6 +231,20 @@ class RoundConfig:
     return (self.averaged_clients and self.fedavg and self.fedavg_every == 1
             and self.server_mode != "relay" and self.client_tx is None
             and (opt.linear or momentum_averaged))
+
+  @property
+  def client_phase(self) -> str:
+    """How the round computes the clients, chosen here alone: 'relay' (vanilla SL, one
+    lower handed from client to client), 'averaged' (one copy of the client segments
+    for all, where `clients_averaged` makes that exact) or 'per_client'."""
+    if self.server_mode == "relay":
+      return "relay"
+    return "averaged" if self.clients_averaged else "per_client"
+
+  @property
+  def client_copies(self) -> int:
+    """Copies of the client segments the state holds: one in the averaged phase."""
+    return 1 if self.client_phase == "averaged" else self.num_clients
 
   @property
   def server_updates_per_iteration(self) -> int:
@@ -194,57 +265,47 @@ def server_updates_per_iteration(server_mode: str, num_clients: int) -> int:
   return num_clients if server_mode in ("sequential", "relay") else 1
 
 
+def preset(algorithm: str, **fields) -> RoundConfig:
+  """The RoundConfig of a named algorithm, with `fields` (num_clients, batch_size,
+  num_classes, and any others) set over its preset: `preset("psl", num_clients=10,
+  batch_size=32, num_classes=10, fedavg=True)`."""
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"algorithm {algorithm!r} is unknown; use one of "
+                     f"{', '.join(sorted(ALGORITHMS))}")
+  return RoundConfig(**{**ALGORITHMS[algorithm], **fields})
+
+
 def resolve_switches(config: Any) -> dict[str, bool]:
   """The Loc/Fed/Mix/GradMix switches: the config's where set, else the algorithm's."""
-  if config.algorithm not in ALGORITHMS:
-    raise ValueError(f"config.algorithm={config.algorithm!r} is unknown; use one of "
-                     f"{', '.join(sorted(ALGORITHMS))}")
   defaults = ALGORITHMS[config.algorithm]
   return {name: (defaults[name] if config.get(name) is None else bool(config.get(name)))
           for name in SWITCHES}
 
 
 def round_config_from(config: Any, num_classes: int) -> RoundConfig:
-  """Builds the frozen RoundConfig from an ml_collections config."""
-  switches = resolve_switches(config)
-  algorithm = ALGORITHMS[config.algorithm]
+  """The RoundConfig an ml_collections config names: its algorithm's preset with the
+  config's fields over it (the config uses RoundConfig's names)."""
   local_ce_weight = config.local_ce_weight
   if local_ce_weight is None:
-    local_ce_weight = algorithm["local_ce_weight"]
+    local_ce_weight = ALGORITHMS[config.algorithm]["local_ce_weight"]
   server_lr = config.server_lr
   if server_lr is None:  # SGLR's SplitLr: eta_s = eta_c * C ** alpha_lr
     server_lr = config.client_lr * config.num_clients ** config.server_lr_exponent
-  server_mode = algorithm["server"]
-  server_steps = config.num_iterations * server_updates_per_iteration(server_mode,
-                                                                      config.num_clients)
-  return RoundConfig(
-      num_clients=config.num_clients,
-      batch_size=config.batch_size,
-      num_classes=num_classes,
-      local_loss=switches["loc"],
-      local_loss_weight=config.mu,
-      local_loss_kind=config.local_loss_kind,
+  server_steps = config.num_iterations * server_updates_per_iteration(
+      ALGORITHMS[config.algorithm]["server_mode"], config.num_clients)
+  same_names = ("num_clients", "batch_size", "local_loss_weight", "local_loss_kind",
+                "num_mixed", "mixup_alpha", "mix_grad_to_clients", "fedavg_every",
+                "fedavg_opt_state", "averaged_clients", "gradmix_fraction")
+  inputs = config.input
+  return preset(
+      config.algorithm, num_classes=num_classes,
+      **{name: config[name] for name in same_names}, **resolve_switches(config),
       local_ce_weight=float(local_ce_weight),
-      smashmix=switches["mix"],
-      num_mixed=config.num_mixed,
-      mixup_alpha=config.mixup_alpha,
-      mix_grad_to_clients=config.mix_grad_to_clients,
-      fedavg=switches["fed"],
-      fedavg_every=config.fedavg_every,
-      fedavg_opt_state=config.fedavg_opt_state,
-      averaged_clients=config.averaged_clients,
-      gradmix=switches["gradmix"],
-      gradmix_fraction=config.gradmix_fraction,
-      server_mode=server_mode,
-      download=algorithm["download"],
       client_opt=optimizer_spec(config, "client", config.client_lr, config.num_iterations),
       server_opt=optimizer_spec(config, "server", float(server_lr), server_steps),
-      resize_to=config.input.resize_to,
-      channels=config.input.channels,
-      normalize=config.input.normalize,
-      mean=tuple(config.input.mean) if config.input.mean else None,
-      std=tuple(config.input.std) if config.input.std else None,
-  )
+      resize_to=inputs.resize_to, channels=inputs.channels, normalize=inputs.normalize,
+      mean=tuple(inputs.mean) if inputs.mean else None,
+      std=tuple(inputs.std) if inputs.std else None)
 
 
 def optimizer_spec(config: Any, side: str, learning_rate: float, total_steps: int

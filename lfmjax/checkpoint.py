@@ -26,9 +26,12 @@ import numpy as np
 
 # Config fields a resumed run may change: they do not change what the run computes.
 RESUMABLE_CHANGES = ("num_iterations", "checkpoint_every", "keep_checkpoints", "data_dir",
-                     "download", "eval_chunk", "distributed.coordinator_address",
+                     "data_download", "eval_chunk", "distributed.coordinator_address",
                      "distributed.process_id")
 CONFIG_FILE = "config.json"
+# Fields an earlier lfmjax wrote under other names: a workdir it made still resumes.
+RENAMED_FIELDS = {"loc": "local_loss", "fed": "fedavg", "mix": "smashmix",
+                  "mu": "local_loss_weight", "download": "data_download"}
 
 
 class CheckpointError(ValueError):
@@ -48,6 +51,8 @@ def config_differences(saved: dict, current: dict, prefix: str = "",
   A field the saved config lacks (written by an earlier lfmjax) counts as its default.
   """
   defaults = defaults or {}
+  if not prefix:
+    saved = {RENAMED_FIELDS.get(k, k): v for k, v in saved.items()}
   out = []
   for field in sorted(set(saved) | set(current)):
     name = prefix + field

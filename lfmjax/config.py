@@ -12,16 +12,31 @@ from ml_collections import config_dict
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # --- algorithm (see `python -m lfmjax.main --list`) ---
+  _algorithm_fields(c)
+  _data_fields(c)
+  _model_fields(c)
+  _component_fields(c)
+  _optimisation_fields(c)
+  _latency_fields(c)
+  _run_fields(c)
+  _device_fields(c)
+  return c
+
+
+def _algorithm_fields(c: ml_collections.ConfigDict) -> None:
+  """Algorithm (see `python -m lfmjax.main --list`)."""
   c.algorithm = "locfedmix"          # sl|psl|sfl_v1|sfl_v2|locsplitfed|locfedmix|sglr|mix2sfl
-  c.loc = config_dict.placeholder(bool)  # local MI loss; None: the algorithm's
-  c.fed = config_dict.placeholder(bool)  # FedAvg of client segments; None: the algorithm's
-  c.mix = config_dict.placeholder(bool)  # SmashMix; None: the algorithm's
-  c.gradmix = config_dict.placeholder(bool)  # GradMix (SGLR); None: the algorithm's
-  # --- data ---
+  c.local_loss = config_dict.placeholder(bool)  # Loc, local MI loss; None: the algorithm's
+  c.fedavg = config_dict.placeholder(bool)    # Fed, FedAvg of client segments; None: algorithm's
+  c.smashmix = config_dict.placeholder(bool)  # Mix, SmashMix; None: the algorithm's
+  c.gradmix = config_dict.placeholder(bool)   # GradMix (SGLR); None: the algorithm's
+
+
+def _data_fields(c: ml_collections.ConfigDict) -> None:
+  """Data."""
   c.dataset = "fashion_mnist"        # fashion_mnist | cifar10
   c.data_dir = config_dict.placeholder(str)  # else $LFMJAX_DATA_DIR, system dirs, cache
-  c.download = True                  # try the official download if no local copy
+  c.data_download = True             # try the official download if no local copy
   c.data_verify = True               # check the official checksums and counts (False: subsets)
   c.partition = "iid"                # iid | dirichlet | shards | fixed
   c.dirichlet_alpha = 0.5            # Dirichlet concentration (partition=dirichlet)
@@ -34,13 +49,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.normalize = "none"         # none: [0,1] | pm1: [-1,1] | standard: (x-mean)/std
   c.input.mean = config_dict.placeholder(tuple)     # per-channel, normalize=standard
   c.input.std = config_dict.placeholder(tuple)      # per-channel, normalize=standard
-  # --- model ---
+
+
+def _model_fields(c: ml_collections.ConfigDict) -> None:
+  """Model."""
   c.model = "bench_cnn"              # bench_cnn | resnet16 | vgg | tiny_cnn | mlp
   c.model_overrides = ml_collections.ConfigDict()  # e.g. cut_stage for resnet16
-  # --- clients and components ---
+
+
+def _component_fields(c: ml_collections.ConfigDict) -> None:
+  """Clients and components."""
   c.num_clients = 10                 # C
   c.batch_size = 32                  # B, per client per iteration
-  c.mu = 1.0                         # weight of the local MI loss in the client update
+  c.local_loss_weight = 1.0          # mu, weight of the local MI loss in the client update
   c.local_loss_kind = "bce"          # R: bce (InfoPro) | mse
   c.local_ce_weight = config_dict.placeholder(float)  # aux-head CE weight; None: algorithm's
   c.num_mixed = 1                    # n_s, SmashMix batches per client
@@ -50,7 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.fedavg_opt_state = False         # average client optimiser states too
   c.averaged_clients = True          # one shared client copy where exact (linear opt, T_c=1)
   c.gradmix_fraction = 0.5           # phi, fraction of clients whose gradients are mixed
-  # --- optimisation ---
+
+
+def _optimisation_fields(c: ml_collections.ConfigDict) -> None:
+  """Optimisation."""
   c.client_optimizer = "sgd"         # sgd | momentum | adam | adamw
   c.client_lr = 0.01                 # eta_c, the peak of the schedule
   c.client_schedule = "constant"     # constant | cosine | warmup_cosine | step
@@ -64,12 +88,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup_fraction = 0.05           # warmup_cosine: share of the run warming up
   c.decay_fractions = (0.8,)         # step: where the rate drops (fractions of the run)
   c.decay_factor = 0.1               # step: the factor at each drop
-  # --- simulated latency (SPEC: communication and latency) ---
+
+
+def _latency_fields(c: ml_collections.ConfigDict) -> None:
+  """Simulated latency (SPEC: communication and latency)."""
   c.client_flops_per_s = 1e10        # a client's compute rate (10 GFLOP/s)
   c.server_flops_per_s = 1e13        # the server's compute rate (10 TFLOP/s)
   c.uplink_bytes_per_s = 1.25e6      # client -> server (10 Mbit/s)
   c.downlink_bytes_per_s = 6.25e6    # server -> client (50 Mbit/s)
-  # --- run ---
+
+
+def _run_fields(c: ml_collections.ConfigDict) -> None:
+  """Run."""
   c.seed = 0                         # model init, batches, mixup draws
   c.num_seeds = 1                    # S replicas (seeds seed..seed+S-1) in one vmapped program
   c.num_iterations = 1000            # iterations (every client one mini-batch each)
@@ -77,7 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 100                 # iterations between test evaluations
   c.eval_clients = 20                # clients evaluated when lowers differ (0: all)
   c.eval_chunk = 1000                # test samples per evaluation batch
-  # --- devices and hosts (clients are spread over every device; BUILD.md: Scale-out) ---
+
+
+def _device_fields(c: ml_collections.ConfigDict) -> None:
+  """Devices and hosts (clients are spread over every device; BUILD.md: Scale-out)."""
   c.distributed = ml_collections.ConfigDict()
   c.num_devices = 0                  # devices the clients are spread over (0: all of them)
   c.distributed.enabled = False      # call jax.distributed.initialize (multi-host)
@@ -87,4 +120,3 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.local_device_count = config_dict.placeholder(int)  # CPU devices per process
   c.checkpoint_every = 500           # iterations between checkpoints in --workdir (0: none)
   c.keep_checkpoints = 3             # checkpoints kept (the newest)
-  return c

@@ -72,6 +72,8 @@ def make_evaluate(cfg: RoundConfig, model: SplitModel, *, jit: bool = True):
     n = jnp.sum(test[2])
     if cfg.server_mode == "relay":  # vanilla SL: the last client's lower is the model
       correct, loss = score(jax.tree.map(lambda a: a[-1], lower_C), upper_vars, test)
+    elif cfg.client_phase == "averaged":  # one copy for all clients
+      correct, loss = score(jax.tree.map(lambda a: a[0], lower_C), upper_vars, test)
     elif cfg.fedavg:
       lower = components.weighted_mean(lower_C, weights_C)
       correct, loss = score(lower, upper_vars, test)

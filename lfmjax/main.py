@@ -23,7 +23,7 @@ def listing() -> str:
   lines = ["algorithms (--config.algorithm=NAME):"]
   lines += [f"  {name:<12} {algorithms.ALGORITHM_HELP[name]}" for name in algorithms.ALGORITHMS]
   lines += ["switches (unset = the algorithm's; an ablation is e.g. "
-            "--config.algorithm=psl --config.loc=True --config.fed=True):"]
+            "--config.algorithm=psl --config.local_loss=True --config.fedavg=True):"]
   lines += [f"  {name:<12} {algorithms.SWITCH_HELP[name]}" for name in algorithms.SWITCHES]
   return "\n".join(lines)
 

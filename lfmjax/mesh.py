@@ -3,6 +3,7 @@
 Layout (C clients padded to C' = a multiple of the device count D, C'/D per device):
 
     state.clients.*        C' x ...   P('clients')   client k on device k // (C'/D)
+                                                     (the averaged phase's one copy: P())
     state.server.*         ...        P()            replicated (SFL-V1's copies: P('clients'))
     state.step, state.key  scalar     P()
     data.idx_CxM, sizes_C, weights_C  P('clients')   each process feeds its own clients' rows
@@ -57,12 +58,18 @@ def _server_is_per_client(cfg: RoundConfig) -> bool:
   return cfg.server_mode == "per_client"
 
 
+def _clients_are_per_client(cfg: RoundConfig) -> bool:
+  """False in the averaged phase, whose one copy is replicated, never padded or split."""
+  return cfg.client_copies == cfg.num_clients
+
+
 def state_specs(cfg: RoundConfig, state: RoundState, seeds: bool = False) -> RoundState:
   """PartitionSpecs of the state: client leaves split over 'clients', the rest replicated."""
   client = P(None, CLIENTS) if seeds else P(CLIENTS)
   server = client if _server_is_per_client(cfg) else P()
+  clients = client if _clients_are_per_client(cfg) else P()
   return RoundState(step=P(), key=P(),
-                    clients=jax.tree.map(lambda _: client, state.clients),
+                    clients=jax.tree.map(lambda _: clients, state.clients),
                     server=jax.tree.map(lambda _: server, state.server))
 
 
@@ -90,7 +97,8 @@ def _map_client_leaves(cfg: RoundConfig, fn, state: RoundState, *others: RoundSt
   clients' segments, and SFL-V1's per-client server copies); the rest is `state`'s."""
   def over(name):
     return jax.tree.map(fn, getattr(state, name), *(getattr(o, name) for o in others))
-  return state.replace(clients=over("clients"),
+  return state.replace(clients=over("clients") if _clients_are_per_client(cfg)
+                       else state.clients,
                        server=over("server") if _server_is_per_client(cfg) else state.server)
 
 

@@ -6,25 +6,29 @@ computing, per SPEC.md and Oh et al. (LocFedMix-SL, WWW 2022):
   1. each client's mini-batch, sampled on the device from (key, step);
   2. client forward s_k = lower(w_c,k, x_k), vmapped over clients;
   3. the local losses (Loc's MI decoder, an aux head's CE) and their gradients;
-  4. the server phase (`cfg.server_mode`): one shared step on
+  4. the server phase (`cfg.server_mode`): one step of a single server on
      sum_k delta_k (L_k + L~_k) with SmashMix (Mix), per-client server copies (SFL-V1),
      or a scan of per-client steps in a random order (SFL-V2);
-  5. the download: g_k = dL_k/ds_k, GradMix's mean for a fraction of clients, or nothing;
+  5. the gradients to the clients: g_k = dL_k/ds_k, GradMix's mean for a fraction of clients, or nothing;
   6. the client update opt_c(VJP_lower(g_k) + local gradients);
   7. FedAvg of the client segments every T_c iterations (Fed).
 
-Vanilla SL (`relay`) is a scan over clients of steps 2-6 carrying the lower model.
-PSL is the shared round with every switch off.
-
-Where FedAvg follows every iteration and the client optimiser is plain SGD, every
-client holds the same segments at the start of each iteration and FedAvg of their
-steps is one step on the delta-weighted gradient, so steps 2, 3, 6 and 7 run as one
-shared model over all clients' data (`make_averaged_client_phase`; `cfg.clients_averaged`).
+PSL is the single-server round with every switch off. The clients' side is one of three
+named phases, which `cfg.client_phase` chooses:
+  per_client  every client with its own segments (`make_per_client_phase`);
+  averaged    where FedAvg follows every iteration and the client optimiser is linear,
+              every client holds the same segments at the start of each iteration and
+              FedAvg of their steps is one step on the delta-weighted gradient: steps 2,
+              3, 6 and 7 run as one model over all clients' data, and the state holds
+              one copy of the client segments (`make_averaged_client_phase`);
+  relay       vanilla SL, a scan over clients of steps 2-6 carrying the lower model
+              (`make_relay_round`).
 The convolutions choose their kernels from what is batched (`models.patch_conv`), so
 none of this code sets a flag for them.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -197,14 +201,30 @@ def client_group_size(num_clients: int, batch_size: int) -> int:
   return max(d for d in range(1, target + 1) if num_clients % d == 0)
 
 
+class ClientCopiesError(ValueError):
+  """A state whose client segments do not have the copies the round's phase holds."""
+
+
+def check_single_copy(clients: ClientState) -> None:
+  """The averaged phase holds one copy of the client segments; it refuses C copies, which
+  may differ, instead of silently reading one of them (a trace-time shape check)."""
+  copies = jax.tree.leaves(clients.params)[0].shape[0]
+  if copies != 1:
+    raise ClientCopiesError(
+        f"the averaged client phase holds one copy of the client segments, and this "
+        f"state has {copies}: build the state with init_state for this RoundConfig, or "
+        f"set averaged_clients=False to keep one copy per client")
+
+
 def make_averaged_client_phase(cfg: RoundConfig, model: SplitModel, split: bool = False):
-  """The clients' side of an iteration computed with one shared copy of their segments.
+  """The clients' side of an iteration computed with one copy of their segments.
 
   Exact when `cfg.clients_averaged` (see there): FedAvg of every client's SGD step equals
-  one step of the shared segments on sum_k d_k g_k, so every client's data goes
+  one step of the common segments on sum_k d_k g_k, so every client's data goes
   through one set of weights (`apply_to_clients`) and each gradient is taken once, of
   the d-weighted sum of the clients' losses. BatchNorm still normalises each client's
-  batch by itself, and the running statistics are averaged as FedAvg would.
+  batch by itself, and the running statistics are averaged as FedAvg would. The state
+  holds that one copy (leading client axis 1).
 
   With many samples in all (1000 clients x 8), the backward runs as a `lax.scan` over
   groups of clients (`client_group_size`) that recomputes each group's lower forward:
@@ -212,14 +232,55 @@ def make_averaged_client_phase(cfg: RoundConfig, model: SplitModel, split: bool 
   program's temporary memory is one group's, not all clients'.
 
   Returns `forward(clients, x_model, x01, y, weights_C) -> (s_CxBxS, finish)`;
-  `finish(g_CxBxS)` applies the downloaded gradients and returns (the next
-  ClientState, every client holding the same copy; loss_local; loss_aux).
+  `finish(g_CxBxS)` applies the gradients the clients received and returns (the next
+  ClientState, still one copy; loss_local; loss_aux).
   """
-  terms = make_local_losses(cfg, model)
+  clients_terms = make_averaged_terms(cfg, model)
   opt_c = client_optimizer(cfg)
 
+  def forward(clients: ClientState, x_model, x01, y_CxB, weights_C):
+    check_single_copy(clients)
+    params, stats, opt_state = jax.tree.map(lambda a: a[0], (clients.params, clients.stats,
+                                                             clients.opt_state))
+    num_clients = weights_C.shape[0]
+
+    def update(grads, new_stats_C, losses):
+      updates, new_opt = opt_c.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      # FedAvg of the statistics; heads whose term is unused keep theirs.
+      new_stats = {name: (components.weighted_mean(new_stats_C[name], weights_C)
+                          if name in new_stats_C else stats[name])
+                   for name in ("lower",) + HEADS}
+      new_clients = ClientState(*(stack_clients(t, 1)
+                                  for t in (new_params, new_stats, new_opt)))
+      return new_clients, losses["decoder"], losses["aux_head"]
+
+    # Groups are a loop over the client axis: one group when it is split over devices.
+    group = num_clients if split else client_group_size(num_clients, cfg.batch_size)
+    if group == num_clients:
+      s_CxBxS, lower_vjp, ds_local, head_grads, new_stats_C, losses = clients_terms(
+          params, stats, x_model, x01, y_CxB, weights_C)
+
+      def finish(g_CxBxS):
+        # d-weighted: the cotangent of sum_k d_k (L_k + mu L^_k) w.r.t. every s_k.
+        (lower_grad,) = lower_vjp(components.scale_clients(weights_C, g_CxBxS) + ds_local)
+        return update({"lower": lower_grad, **head_grads}, new_stats_C, losses)
+
+      return s_CxBxS, finish
+
+    s_CxBxS, grouped_gradients = averaged_groups(clients_terms, model, params, stats, group,
+                                                 x_model, x01, y_CxB, weights_C)
+    return s_CxBxS, lambda g_CxBxS: update(*grouped_gradients(g_CxBxS))
+
+  return forward
+
+
+def make_averaged_terms(cfg: RoundConfig, model: SplitModel):
+  """`terms(params, stats, x_model, x01, y_CxB, weights_C)`: s, the lower's VJP, and the
+  local terms' d-weighted gradients for some clients, through one set of weights."""
+  terms = make_local_losses(cfg, model)
+
   def clients_terms(params, stats, x_model, x01, y_CxB, weights_C):
-    """s, the lower's VJP, and the local terms' d-weighted gradients for some clients."""
     def lower_all(p):
       return apply_to_clients(model.lower, p, stats["lower"], x_model)
     s_CxBxS, lower_vjp, lower_stats_C = jax.vjp(lower_all, params["lower"], has_aux=True)
@@ -235,61 +296,38 @@ def make_averaged_client_phase(cfg: RoundConfig, model: SplitModel, split: bool 
     return (s_CxBxS, lower_vjp, ds_local, head_grads, {"lower": lower_stats_C, **head_stats_C},
             losses)
 
-  def forward(clients: ClientState, x_model, x01, y_CxB, weights_C):
-    first = lambda tree: jax.tree.map(lambda a: a[0], tree)
-    params, stats, opt_state = first(clients.params), first(clients.stats), first(
-        clients.opt_state)
-    num_clients = weights_C.shape[0]
-    # Groups are a loop over the client axis: one group when it is split over devices.
-    group = num_clients if split else client_group_size(num_clients, cfg.batch_size)
+  return clients_terms
 
-    def update(grads, new_stats_C, losses):
-      updates, new_opt = opt_c.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
-      # FedAvg of the statistics; heads whose term is unused keep theirs.
-      new_stats = {name: (components.weighted_mean(new_stats_C[name], weights_C)
-                          if name in new_stats_C else stats[name])
-                   for name in ("lower",) + HEADS}
-      new_clients = ClientState(*(stack_clients(t, num_clients)
-                                  for t in (new_params, new_stats, new_opt)))
-      return new_clients, losses["decoder"], losses["aux_head"]
 
-    if group == num_clients:
-      s_CxBxS, lower_vjp, ds_local, head_grads, new_stats_C, losses = clients_terms(
-          params, stats, x_model, x01, y_CxB, weights_C)
+def averaged_groups(clients_terms, model, params, stats, group, x_model, x01, y_CxB,
+                    weights_C):
+  """The averaged phase over groups of `group` clients: s from a forward-only loop, and
+  `gradients(g_CxBxS) -> (summed grads, the clients' new stats, summed losses)` from a
+  scan that recomputes each group's forward."""
+  num_clients = weights_C.shape[0]
+  to_groups = lambda a: a.reshape((num_clients // group, group) + a.shape[1:])
+  from_groups = lambda a: a.reshape((num_clients,) + a.shape[2:])
+  x_G, x01_G, y_G, w_G = map(to_groups, (x_model, x01, y_CxB, weights_C))
+  s_CxBxS = from_groups(jax.lax.map(
+      lambda x: apply_to_clients(model.lower, params["lower"], stats["lower"], x)[0], x_G))
 
-      def finish(g_CxBxS):
-        # d-weighted: the cotangent of sum_k d_k (L_k + mu L^_k) w.r.t. every s_k.
-        (lower_grad,) = lower_vjp(components.scale_clients(weights_C, g_CxBxS) + ds_local)
-        return update({"lower": lower_grad, **head_grads}, new_stats_C, losses)
+  def gradients(g_CxBxS):
+    def one_group(grads, inputs):
+      x, x01_g, y, w, g = inputs
+      _, lower_vjp, ds_local, head_grads, new_stats_C, losses = clients_terms(
+          params, stats, x, x01_g, y, w)
+      (lower_grad,) = lower_vjp(components.scale_clients(w, g) + ds_local)
+      grads = jax.tree.map(jnp.add, grads, {"lower": lower_grad, **head_grads})
+      return grads, (new_stats_C, losses)
 
-      return s_CxBxS, finish
+    zeros = jax.tree.map(jnp.zeros_like, {"lower": params["lower"],
+                                          **{n: params[n] for n in HEADS}})
+    grads, (new_stats_G, losses_G) = jax.lax.scan(
+        one_group, zeros, (x_G, x01_G, y_G, w_G, to_groups(g_CxBxS)))
+    return (grads, jax.tree.map(from_groups, new_stats_G),
+            jax.tree.map(jnp.sum, losses_G))
 
-    to_groups = lambda a: a.reshape((num_clients // group, group) + a.shape[1:])
-    from_groups = lambda a: a.reshape((num_clients,) + a.shape[2:])
-    x_G, x01_G, y_G, w_G = map(to_groups, (x_model, x01, y_CxB, weights_C))
-    s_CxBxS = from_groups(jax.lax.map(
-        lambda x: apply_to_clients(model.lower, params["lower"], stats["lower"], x)[0], x_G))
-
-    def finish(g_CxBxS):
-      def one_group(grads, inputs):
-        x, x01_g, y, w, g = inputs
-        _, lower_vjp, ds_local, head_grads, new_stats_C, losses = clients_terms(
-            params, stats, x, x01_g, y, w)
-        (lower_grad,) = lower_vjp(components.scale_clients(w, g) + ds_local)
-        grads = jax.tree.map(jnp.add, grads, {"lower": lower_grad, **head_grads})
-        return grads, (new_stats_C, losses)
-
-      zeros = jax.tree.map(jnp.zeros_like, {"lower": params["lower"],
-                                            **{n: params[n] for n in HEADS}})
-      grads, (new_stats_G, losses_G) = jax.lax.scan(
-          one_group, zeros, (x_G, x01_G, y_G, w_G, to_groups(g_CxBxS)))
-      return update(grads, jax.tree.map(from_groups, new_stats_G),
-                    jax.tree.map(jnp.sum, losses_G))
-
-    return s_CxBxS, finish
-
-  return forward
+  return s_CxBxS, gradients
 
 
 def stem_twice(stem_apply, params, stats, s):
@@ -405,7 +443,7 @@ def make_server_phase(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None = N
   server_loss = make_server_loss(cfg, model)
   step_one = make_server_step_one(cfg, model)
 
-  def shared(server, s_CxBxS, y_CxB, weights_C, key, step):
+  def single(server, s_CxBxS, y_CxB, weights_C, key, step):
     key_mix = jax.random.fold_in(jax.random.fold_in(key, TAG_MIX), step)
     (_, (stats, loss_real, loss_mix, acc)), (grads, ds_CxBxS) = jax.value_and_grad(
         server_loss, argnums=(0, 2), has_aux=True)(
@@ -434,7 +472,7 @@ def make_server_phase(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None = N
     return new_server, g, {"loss_real": components.weighted_sum(weights_C[order_C], loss_in_order),
                            "loss_mix": jnp.zeros(()), "train_accuracy": jnp.mean(acc)}
 
-  return {"shared": shared, "per_client": per_client, "sequential": sequential}[
+  return {"single": single, "per_client": per_client, "sequential": sequential}[
       cfg.server_mode]
 
 
@@ -451,9 +489,9 @@ def gradmix_clients(key, step, num_clients: int, num_mixed: int) -> jax.Array:
   return jnp.zeros((num_clients,), bool).at[chosen].set(True)
 
 
-def download(cfg: RoundConfig, g_CxBxS, key, step):
+def gradients_to_clients(cfg: RoundConfig, g_CxBxS, key, step):
   """What each client receives: its own gradient, GradMix's mean for the chosen, or none."""
-  if cfg.download == "none":
+  if cfg.client_gradient == "none":
     return jnp.zeros_like(g_CxBxS)
   if cfg.num_gradmix:
     mask_C = gradmix_clients(key, step, g_CxBxS.shape[0], cfg.num_gradmix)
@@ -501,39 +539,53 @@ def make_round_step(cfg: RoundConfig, model: SplitModel, *, jit: bool = True,
   CPU the per-client loops then run per device (`map_clients`).
   `client_tx`/`server_tx`: optax transformations in place of the config's optimiser
   specs (pass the same to `init_state`).
+  The clients' phase is the one `cfg.client_phase` names, chosen there alone.
   """
   cfg = with_optimizers(cfg, client_tx, server_tx)
-  if cfg.server_mode == "relay":
+  if cfg.client_phase == "relay":
     round_step = make_relay_round(cfg, model)
   else:
-    round_step = make_parallel_round(cfg, model, mesh)
+    split = mesh is not None and mesh.size > 1  # no loops over groups of split clients
+    phase = (make_averaged_client_phase(cfg, model, split)
+             if cfg.client_phase == "averaged" else make_per_client_phase(cfg, model, mesh))
+    round_step = make_parallel_round(cfg, model, phase, mesh)
   if jit:
     return jax.jit(round_step, donate_argnums=0, compiler_options=compiler_options())
   return round_step
 
 
-def make_parallel_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None = None):
-  """Every algorithm whose clients compute at the same time (all but vanilla SL)."""
+def average_clients(cfg: RoundConfig, clients: ClientState, weights_C) -> ClientState:
+  """FedAvg of the clients' segments (and, if configured, of their optimiser states)."""
+  params = components.fedavg(clients.params, weights_C)
+  stats = components.fedavg(clients.stats, weights_C)
+  opt_state = (components.fedavg(clients.opt_state, weights_C)
+               if cfg.fedavg_opt_state else clients.opt_state)
+  return ClientState(params, stats, opt_state)
+
+
+def average_server(server: ServerState, weights_C) -> ServerState:
+  """SFL-V1: the server's per-client copies averaged (optimiser states stay)."""
+  return ServerState(components.fedavg(server.params, weights_C),
+                     components.fedavg(server.stats, weights_C), server.opt_state)
+
+
+def make_per_client_phase(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None = None):
+  """The clients' side of an iteration with every client's own segments (`map_clients`);
+  returns `forward` as `make_averaged_client_phase` does (C copies in, C copies out).
+
+  With many samples in all (1000 clients x 8), the lower's residuals of every client
+  would be held from the forward to the server's gradients: instead the forward keeps s
+  alone, and `finish` runs a `lax.map` over groups of clients (`client_group_size`) that
+  recomputes each group's forward, then its local terms and update. One more forward
+  of the lower; the program's temporary memory is one group's.
+  """
   client_forward = make_client_forward(cfg, model)
-  server_phase = make_server_phase(cfg, model, mesh)
-  split = mesh is not None and mesh.size > 1  # no loops over groups of split clients
   client_update = make_client_update(cfg)
-
-  def average_clients(clients: ClientState, weights_C) -> ClientState:
-    params = components.fedavg(clients.params, weights_C)
-    stats = components.fedavg(clients.stats, weights_C)
-    opt_state = (components.fedavg(clients.opt_state, weights_C)
-                 if cfg.fedavg_opt_state else clients.opt_state)
-    return ClientState(params, stats, opt_state)
-
-  def average_server(server: ServerState, weights_C) -> ServerState:
-    """SFL-V1: the server's per-client copies averaged (optimiser states stay)."""
-    return ServerState(components.fedavg(server.params, weights_C),
-                       components.fedavg(server.stats, weights_C), server.opt_state)
+  split = mesh is not None and mesh.size > 1
 
   def clients_step(params, stats, opt_state, x_model, x01, y_CxB, g_CxBxS):
-    """Forward, local terms and update of some clients (`map_clients`): (params, stats,
-    opt_state, loss_local_C, loss_aux_C)."""
+    """Forward, local terms and update of some clients: (params, stats, opt_state,
+    loss_local_C, loss_aux_C)."""
     def one(params, stats, opt_state, x_model, x01, y, g):
       _, lower_vjp, ds_local, head_grads, new_stats, loss_local, loss_aux = client_forward(
           params, stats, x_model, x01, y)
@@ -542,16 +594,12 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None =
       return new_params, new_stats, new_opt, loss_local, loss_aux
     return map_clients(one, mesh)(params, stats, opt_state, x_model, x01, y_CxB, g_CxBxS)
 
-  def per_client_forward(clients: ClientState, x_model, x01, y_CxB, weights_C):
-    """Every client with its own segments (`map_clients`); `finish` as the shared
-    phase's.
+  def result(weights_C, new_params, new_stats, new_opt, loss_local_C, loss_aux_C):
+    return (ClientState(new_params, new_stats, new_opt),
+            components.weighted_sum(weights_C, loss_local_C),
+            components.weighted_sum(weights_C, loss_aux_C))
 
-    With many samples in all (1000 clients x 8), the lower's residuals of every client
-    would be held from the forward to the download: instead the forward keeps s alone,
-    and `finish` runs a `lax.map` over groups of clients (`client_group_size`) that
-    recomputes each group's forward, then its local terms and update. One more forward
-    of the lower; the program's temporary memory is one group's.
-    """
+  def forward(clients: ClientState, x_model, x01, y_CxB, weights_C):
     num_clients = weights_C.shape[0]
     group = num_clients if split else client_group_size(num_clients, cfg.batch_size)
     if group == num_clients:
@@ -562,36 +610,45 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None =
       def finish(g_CxBxS):
         new_params, new_opt = map_clients(client_update, mesh)(
             clients.params, clients.opt_state, lower_vjp, g_CxBxS, ds_local, head_grads)
-        return (ClientState(new_params, new_stats, new_opt),
-                components.weighted_sum(weights_C, loss_local_C),
-                components.weighted_sum(weights_C, loss_aux_C))
+        return result(weights_C, new_params, new_stats, new_opt, loss_local_C, loss_aux_C)
 
       return s_CxBxS, finish
 
     to_groups = lambda a: a.reshape((num_clients // group, group) + a.shape[1:])
     from_groups = lambda a: a.reshape((num_clients,) + a.shape[2:])
-    params_G, stats_G, opt_G, x_G, x01_G, y_G = jax.tree.map(
-        to_groups, (clients.params, clients.stats, clients.opt_state, x_model, x01, y_CxB))
+    grouped = jax.tree.map(to_groups, (clients.params, clients.stats, clients.opt_state,
+                                       x_model, x01, y_CxB))
 
     def lower_forward(params, stats, x):
       return _apply(model.lower, params["lower"], stats["lower"], x, train=True)[0]
 
-    s_CxBxS = from_groups(jax.lax.map(
-        lambda a: map_clients(lower_forward)(*a), (params_G, stats_G, x_G)))
+    s_CxBxS = from_groups(jax.lax.map(lambda a: map_clients(lower_forward)(*a),
+                                      (grouped[0], grouped[1], grouped[3])))
 
     def finish(g_CxBxS):
-      new_params, new_stats, new_opt, loss_local_C, loss_aux_C = jax.tree.map(
-          from_groups, jax.lax.map(lambda a: clients_step(*a),
-                                   (params_G, stats_G, opt_G, x_G, x01_G, y_G,
-                                    to_groups(g_CxBxS))))
-      return (ClientState(new_params, new_stats, new_opt),
-              components.weighted_sum(weights_C, loss_local_C),
-              components.weighted_sum(weights_C, loss_aux_C))
+      return result(weights_C, *jax.tree.map(from_groups, jax.lax.map(
+          lambda a: clients_step(*a), (*grouped, to_groups(g_CxBxS)))))
 
     return s_CxBxS, finish
 
-  clients_forward = (make_averaged_client_phase(cfg, model, split) if cfg.clients_averaged
-                     else per_client_forward)
+  return forward
+
+
+def make_parallel_round(cfg: RoundConfig, model: SplitModel, clients_forward,
+                        mesh: Mesh | None = None):
+  """Every algorithm whose clients compute at the same time (all but vanilla SL), with
+  the clients' side `clients_forward` (the averaged or the per-client phase)."""
+  server_phase = make_server_phase(cfg, model, mesh)
+
+  def fedavg(new_clients, new_server, step, weights_C):
+    do_average = (step + 1) % cfg.fedavg_every == 0
+    if cfg.client_phase == "per_client":  # the averaged phase has averaged already
+      new_clients = jax.lax.cond(do_average, functools.partial(average_clients, cfg),
+                                 lambda c, w: c, new_clients, weights_C)
+    if cfg.server_mode == "per_client":
+      new_server = jax.lax.cond(do_average, average_server, lambda c, w: c,
+                                new_server, weights_C)
+    return new_clients, new_server
 
   def round_step(state: RoundState, data: RoundData):
     x_model, x01, y_CxB = sample_batch(cfg, state, data)
@@ -599,18 +656,10 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None =
     s_CxBxS = components.only_present(data.weights_C, s_CxBxS)
     new_server, g_CxBxS, server_metrics = server_phase(
         state.server, s_CxBxS, y_CxB, data.weights_C, state.key, state.step)
-    g_CxBxS = download(cfg, g_CxBxS, state.key, state.step)
-
+    g_CxBxS = gradients_to_clients(cfg, g_CxBxS, state.key, state.step)
     new_clients, loss_local, loss_aux = finish(g_CxBxS)
     if cfg.fedavg:
-      do_average = (state.step + 1) % cfg.fedavg_every == 0
-      if not cfg.clients_averaged:  # the shared phase has averaged already
-        new_clients = jax.lax.cond(do_average, average_clients, lambda c, w: c,
-                                   new_clients, data.weights_C)
-      if cfg.server_mode == "per_client":
-        new_server = jax.lax.cond(do_average, average_server, lambda c, w: c,
-                                  new_server, data.weights_C)
-
+      new_clients, new_server = fedavg(new_clients, new_server, state.step, data.weights_C)
     metrics = {**server_metrics, "loss_local": loss_local, "loss_aux": loss_aux,
                **learning_rates(cfg, state.step)}
     new_state = RoundState(step=state.step + 1, key=state.key, clients=new_clients,

@@ -1,7 +1,9 @@
 """The run state of a split-learning simulation as pytrees, and its constructor.
 
 Per-client arrays carry a leading client axis C (the lower segment, the decoder, the
-auxiliary head and their optimiser states); the server's upper segment has none. The
+auxiliary head and their optimiser states), of length 1 where the round's averaged
+phase holds one copy for all (`RoundConfig.client_copies`); the server's upper segment
+has none. The
 state is a pure value: `round_step` maps it to the next one (LocFedMix-SL, Oh et al.,
 WWW 2022).
 """
@@ -27,7 +29,7 @@ CLIENT_MODULES = ("lower", "decoder", "aux_head")
 
 @flax.struct.dataclass
 class ClientState:
-  """Every client's segments, stacked: leaves are C x ...."""
+  """Every client's segments, stacked: leaves are C x ... (1 x ... in the averaged phase)."""
   params: dict  # {'lower', 'decoder', 'aux_head'} -> flax params
   stats: dict   # the same keys -> non-trainable collections (BatchNorm's batch_stats)
   opt_state: Any
@@ -86,6 +88,15 @@ def stack_clients(tree, num_clients: int):
   return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients,) + a.shape), tree)
 
 
+def per_client(clients: ClientState, num_clients: int) -> ClientState:
+  """The clients' segments with one row per client: the averaged phase's one copy
+  repeated C times, anything else as it is."""
+  copies = jax.tree.leaves(clients.params)[0].shape[0]
+  if copies == num_clients:
+    return clients
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients,) + a.shape[1:]), clients)
+
+
 def make_data(train_x: np.ndarray, train_y: np.ndarray, idx_CxM: np.ndarray,
               sizes_C: np.ndarray) -> RoundData:
   """Puts the train split and the partition on the device."""
@@ -113,10 +124,10 @@ def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,
     s_shape = smashed_shape(model, x_example.shape[1:])
     check_stem(model.upper, variables["upper"], jnp.zeros((1,) + tuple(s_shape)))
   client_params, client_stats = {}, {}
-  for name in CLIENT_MODULES:
+  for name in CLIENT_MODULES:  # one copy in the averaged phase (`cfg.client_copies`)
     params, stats = split_variables(variables[name])
-    client_params[name] = stack_clients(params, cfg.num_clients)
-    client_stats[name] = stack_clients(stats, cfg.num_clients)
+    client_params[name] = stack_clients(params, cfg.client_copies)
+    client_stats[name] = stack_clients(stats, cfg.client_copies)
   opt_c = client_optimizer(cfg)
   client_opt = jax.vmap(opt_c.init)(client_params)
   server_params, server_stats = split_variables(variables["upper"])

@@ -87,14 +87,14 @@ def test_cli_runs_a_few_iterations_and_writes_results(synthetic_fmnist, tmp_path
 def test_cli_psl_config_runs(synthetic_fmnist, tmp_path):
   result = run_cli("--config=configs/fmnist.py:psl", f"--config.data_dir={synthetic_fmnist}", *TINY)
   assert result.returncode == 0, result.stderr
-  assert "psl (loc=False, fed=False, mix=False)" in result.stdout
+  assert "psl (local_loss=False, fedavg=False, smashmix=False)" in result.stdout
 
 
 def test_cli_lists_algorithms_and_switches():
   result = run_cli("--list")
   assert result.returncode == 0
   for word in ("sl ", "psl", "sfl_v1", "sfl_v2", "locsplitfed", "locfedmix", "sglr", "mix2sfl",
-               "loc ", "fed ", "mix ", "gradmix "):
+               "local_loss ", "fedavg ", "smashmix ", "gradmix "):
     assert word in result.stdout
 
 
@@ -118,7 +118,7 @@ def test_cli_missing_dataset_says_where_and_how(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
   result = run_cli("--config=configs/cifar.py", f"--config.data_dir={empty}",
-                   "--config.download=False",
+                   "--config.data_download=False",
                    env_extra={"LFMJAX_CACHE_DIR": str(tmp_path / "cache"),
                               "LFMJAX_DATA_DIR": str(empty)})
   assert result.returncode == 2, result.stderr
@@ -137,7 +137,7 @@ def test_missing_fashion_mnist_is_a_dataset_error(tmp_path, monkeypatch):
   monkeypatch.delenv("LFMJAX_DATA_DIR", raising=False)
   config = base_config()
   config.data_dir = str(tmp_path)
-  config.download = False
+  config.data_download = False
   with pytest.raises(DatasetError) as err:
     train_and_evaluate(config, None, quiet=True)
   assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
@@ -204,9 +204,10 @@ def test_config_argument_names_algorithm_and_components():
   for name in algorithms.ALGORITHMS:
     config = module.get_config(name)
     validate(config)
-    assert config.algorithm == name and config.loc is None
-  config = module.get_config("psl,loc,fed")
-  assert (config.loc, config.fed, config.mix, config.gradmix) == (True, True, False, False)
+    assert config.algorithm == name and config.local_loss is None
+  config = module.get_config("psl,local_loss,fedavg")
+  assert (config.local_loss, config.fedavg, config.smashmix, config.gradmix) == (
+      True, True, False, False)
   with pytest.raises(ValueError, match="'pls' is not an algorithm"):
     module.get_config("pls")
   with pytest.raises(ValueError, match="unknown component.*mixx"):
@@ -214,15 +215,15 @@ def test_config_argument_names_algorithm_and_components():
 
 
 def test_ablation_config_switches_components(synthetic_fmnist):
-  result = run_cli("--config=configs/fmnist.py:psl,loc,mix", f"--config.data_dir={synthetic_fmnist}",
+  result = run_cli("--config=configs/fmnist.py:psl,local_loss,smashmix", f"--config.data_dir={synthetic_fmnist}",
                    *TINY)
   assert result.returncode == 0, result.stderr
-  assert "psl (loc=True, fed=False, mix=True)" in result.stdout
+  assert "psl (local_loss=True, fedavg=False, smashmix=True)" in result.stdout
 
 
 @pytest.mark.parametrize("args,field", [
-    (["--config.algorithm=sl", "--config.fed=True"], "config.fed"),
-    (["--config.algorithm=sfl_v2", "--config.mix=True"], "config.mix"),
+    (["--config.algorithm=sl", "--config.fedavg=True"], "config.fedavg"),
+    (["--config.algorithm=sfl_v2", "--config.smashmix=True"], "config.smashmix"),
     (["--config.algorithm=locsplitfed", "--config.local_ce_weight=0.0"], "config.local_ce_weight"),
     (["--config.gradmix_fraction=1.5"], "config.gradmix_fraction"),
 ])

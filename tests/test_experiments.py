@@ -41,7 +41,7 @@ def test_quick_modes_write_tables_and_plots(tmp_path):
   scalability.main(common + ["--algorithms", "psl,locfedmix", "--clients", "1,2"])
   convergence.main(common + ["--algorithms", "psl", "--eval_every", "1"])
   ablation.main(common + ["--subsets", "psl,loc_fed_mix"])
-  knobs.main(common + ["--knobs", "mu"])
+  knobs.main(common + ["--knobs", "local_loss_weight"])
   latency.main(["--quick", "--out", str(tmp_path), "--target", "5"])
   sglr_baseline.main(common + ["--seeds", "1"])
   first = read_csv(tmp_path / "sglr_baseline_quick" / "sglr_baseline_quick.csv")
@@ -66,7 +66,7 @@ def test_quick_modes_write_tables_and_plots(tmp_path):
       "none (psl)", "loc+fed+mix"]
   assert [(r["knob"], float(r["value"])) for r in read_csv(
       tmp_path / "knobs_fmnist_sglr_quick" / "knobs_fmnist_sglr_quick.csv")] == [
-      ("mu", 1.0), ("mu", 0.0)]
+      ("local_loss_weight", 1.0), ("local_loss_weight", 0.0)]
   reached = read_csv(tmp_path / "latency_fmnist_sglr_5_quick" /
                      "latency_fmnist_sglr_5_quick.csv")
   assert {r["algorithm"] for r in reached} == {"psl", "locfedmix"}

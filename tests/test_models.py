@@ -297,23 +297,12 @@ def test_init_split_is_deterministic_with_one_key_per_segment(tiny):
   chex.assert_trees_all_equal(jax.jit(model.decoder.init)(keys["decoder"], s), a["decoder"])
 
 
-@pytest.mark.parametrize("name", ["bench_cnn", "resnet16", "vgg", "tiny_cnn"])
-def test_conv_impls_share_variables(name):
-  kw = dict(num_classes=K, input_shape=(32, 32, 3))
-  lax_vars = abstract_init(get_model(name, **kw), (32, 32, 3))
-  patch_vars = abstract_init(get_model(name, conv_impl="patch", **kw), (32, 32, 3))
-  chex.assert_trees_all_equal_shapes_and_dtypes(lax_vars, patch_vars)
-
-
-def test_patch_conv_impl_computes_the_same_function(tiny):
-  model, _, per_client = tiny
-  patch = get_model("tiny_cnn", num_classes=K, input_shape=(8, 8, 2), conv_impl="patch")
-  v = per_client[0]
-  x = jax.random.uniform(key(5), (3, 8, 8, 2))
-  for seg_in, seg in ((x, "lower"), (None, "decoder")):
-    inp = seg_in if seg_in is not None else model.lower.apply(v["lower"], x)
-    np.testing.assert_allclose(getattr(patch, seg).apply(v[seg], inp),
-                               getattr(model, seg).apply(v[seg], inp), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_models_take_no_kernel_switch(name):
+  """Kernels are patch_conv's choice, not a model's: conv_impl is an unknown override."""
+  with pytest.raises(ValueError, match=r"unknown override\(s\) conv_impl; valid: ") as err:
+    get_model(name, num_classes=K, input_shape=(32, 32, 3), conv_impl="lax")
+  assert "conv_impl" not in str(err.value).split("valid: ")[1]
 
 
 def test_vgg_batch_norm_override():
@@ -344,8 +333,6 @@ def test_unknown_model_name_lists_valid_names():
     ("tiny_cnn", dict(width=0), "width"),
     ("mlp", dict(hidden=2.5), "hidden"),
     ("bench_cnn", dict(decoder_hiden=8), "decoder_hiden"),
-    ("bench_cnn", dict(conv_impl="cudnn"), "conv_impl"),
-    ("mlp", dict(conv_impl="patch"), "conv_impl"),
 ])
 def test_bad_override_names_the_field(name, overrides, field):
   with pytest.raises(ValueError, match=field) as err:

@@ -1,8 +1,10 @@
-"""PatchConv (im2col + matmul) equals flax's nn.Conv, forward and gradients, vmapped."""
+"""PatchConv and its kernels (patch_conv) equal flax's nn.Conv / XLA's convolution,
+forward and gradients, vmapped; and so do the models built from them."""
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from lfmjax.models.patch_conv import PatchConv
@@ -35,17 +37,101 @@ def test_factored_upsample_conv_equals_resize_then_conv():
   chex.assert_trees_all_close(upsample_conv3x3(s, kernel, (28, 28)), direct, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["bench_cnn", "resnet16", "vgg"])
-def test_model_outputs_equal_across_conv_impls(name):
+def lax_reference_convs():
+  """A `nn.intercept_methods` interceptor that computes every `PatchConv` of a model as
+  flax's nn.Conv would, with XLA's convolution on the layer's own variables (then PyTorch's
+  max-pool for pool=True), and every decoder `UpsampleConv` as bilinear resize then that
+  convolution; and the count of layers it replaced."""
+  from lfmjax.models.layers import UpsampleConv, bilinear_resize
+  from lfmjax.models.patch_conv import PatchConv
+  replaced = []
+
+  def conv(x, params, stride, padding):
+    y = jax.lax.conv_general_dilated(x, params["kernel"], (stride, stride),
+                                     ((padding, padding),) * 2,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + params["bias"] if "bias" in params else y
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, (PatchConv, UpsampleConv)):
+      return next_fun(*args, **kwargs)
+    (x,) = args
+    params = module.variables["params"]
+    replaced.append(tuple(module.scope.path))
+    if isinstance(module, UpsampleConv):
+      return conv(bilinear_resize(x, module.out_hw), params, 1, 1)
+    assert params["kernel"].shape[:2] == (module.kernel_size,) * 2
+    assert ("bias" in params) == module.use_bias
+    y = conv(x, params, module.stride, module.padding)
+    return reference_pool(y) if module.pool else y
+
+  return interceptor, replaced
+
+
+# Every conv model, with and without BatchNorm, with strided convolutions (resnet16), the
+# fused conv + pool (bench_cnn's conv1: 3 input channels) and odd sides that pooling floors.
+MODEL_CASES = [("bench_cnn", (28, 28, 1), {}), ("bench_cnn", (16, 16, 3), {}),
+               ("resnet16", (28, 28, 1), {}), ("vgg", (28, 28, 1), {}),
+               ("vgg", (16, 16, 3), dict(batch_norm=True, cut=1)), ("tiny_cnn", (8, 8, 2), {})]
+
+
+@pytest.mark.parametrize("name,shape,overrides", MODEL_CASES)
+def test_models_compute_what_flax_conv_computes(name, shape, overrides):
+  """Each segment's output, and the gradient of a loss of it (the custom VJPs), over
+  two clients' own weights under vmap (the batching rules), equal the same model with
+  every conv replaced by XLA's convolution on the same variables."""
   from lfmjax.models import get_model, init_split
-  patch = get_model(name, num_classes=10, input_shape=(28, 28, 1))
-  lax_ = get_model(name, num_classes=10, input_shape=(28, 28, 1), conv_impl="lax")
-  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 28, 28, 1))
-  v = init_split(patch, jax.random.PRNGKey(1), x)
-  for seg in ("lower", "decoder"):
-    inp = x if seg == "lower" else patch.lower.apply(v["lower"], x)
-    chex.assert_trees_all_close(getattr(patch, seg).apply(v[seg], inp),
-                                getattr(lax_, seg).apply(v[seg], inp), atol=1e-4, rtol=1e-4)
+  model = get_model(name, num_classes=10, input_shape=shape, **overrides)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 3) + shape)  # clients x batch
+  # 'rbg' keys: XLA:CPU compiles their draws several times faster than threefry's.
+  v = jax.jit(jax.vmap(lambda k, x: init_split(model, k, x)))(
+      jax.random.split(jax.random.key(1, impl="rbg"), 2), x)
+  s = jax.jit(jax.vmap(model.lower.apply))(v["lower"], x)
+  interceptor, replaced = lax_reference_convs()
+
+  def value_and_grads(seg, inp):
+    module = getattr(model, seg)
+
+    def loss(p, vs, a):
+      y = module.apply({**vs, "params": p}, a)
+      return jnp.sum(jnp.sin(y)), y
+
+    def one(vs, a):
+      (_, y), g = jax.value_and_grad(loss, (0, 2), has_aux=True)(vs["params"], vs, a)
+      return y, g
+
+    # A new function each call: jit's cache cannot hand the reference our program.
+    return jax.jit(jax.vmap(one))(v[seg], inp)
+
+  for seg, inp in (("lower", x), ("upper", s), ("decoder", s)):
+    convs = [tuple(k.key for k in keys[:-1])  # with a client axis, HWIO kernels are 5-D
+             for keys, leaf in jax.tree_util.tree_flatten_with_path(v[seg]["params"])[0]
+             if keys[-1].key == "kernel" and leaf.ndim == 5]
+    if not convs:  # tiny_cnn's upper: dense only
+      continue
+    ours = value_and_grads(seg, inp)
+    replaced.clear()
+    with nn.intercept_methods(interceptor):
+      ref = value_and_grads(seg, inp)
+    assert sorted(replaced) == sorted(convs), (seg, replaced, convs)
+    chex.assert_trees_all_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_reference_convs_do_not_run_patch_conv(monkeypatch):
+  """The reference above is computed apart from PatchConv's kernels: with those made
+  wrong (a flipped kernel), the model no longer matches it."""
+  from lfmjax.models import get_model, init_split
+  model = get_model("tiny_cnn", num_classes=10, input_shape=(8, 8, 2))
+  x = jax.random.uniform(jax.random.PRNGKey(2), (3, 8, 8, 2))
+  v = jax.jit(init_split, static_argnums=0)(model, jax.random.key(3, impl="rbg"), x)
+  interceptor, replaced = lax_reference_convs()
+  monkeypatch.setattr(patch_conv, "fast_conv2d",
+                      lambda x, k, s, p: lax_conv2d(x, k[::-1, ::-1], s, p))
+  with nn.intercept_methods(interceptor):
+    ref = model.lower.apply(v["lower"], x)
+  assert replaced == [("conv1",)]
+  assert not np.allclose(model.lower.apply(v["lower"], x), ref, atol=1e-3)
 
 
 # ------------------------------------------------- the CPU kernels and their batching

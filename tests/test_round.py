@@ -159,8 +159,14 @@ def mixed_batches(cfg, key, step, smashed, ys):
   return mixes
 
 
+def expanded(state, num_clients=C):
+  """The state with a row per client (the averaged phase holds one copy for all)."""
+  return state.replace(clients=lfmjax.state.per_client(state.clients, num_clients))
+
+
 def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
   """One iteration, client by client, from SPEC.md. Returns (new params dict, metrics)."""
+  state = expanded(state)
   step = int(state.step)
   key = state.key
   delta = np.asarray(data.weights_C)
@@ -195,7 +201,7 @@ def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
   smashed = [apply(MODEL.lower, lowers[k], xs[k]) for k in range(C)]
   own_loss = lambda w, k: (lambda s: ce(apply(MODEL.upper, w, s), ys[k]))
   g = [None] * C
-  if cfg.server_mode == "shared":
+  if cfg.server_mode == "single":
     upper = state.server.params
     mixes = mixed_batches(cfg, key, step, smashed, ys) if cfg.smashmix else []
 
@@ -228,7 +234,7 @@ def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
       upper = sgd(upper, g_w, lr_s)
     new_upper = upper
 
-  if cfg.download == "none":
+  if cfg.client_gradient == "none":
     g = [jnp.zeros_like(gk) for gk in g]
   elif cfg.gradmix and cfg.num_gradmix:
     chosen = np.asarray(jax.random.permutation(
@@ -253,18 +259,15 @@ def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
 
 
 def engine_params(state):
+  state = expanded(state)
   return {"upper": state.server.params, "lower": state.clients.params["lower"],
           "decoder": state.clients.params["decoder"],
           "aux_head": state.clients.params["aux_head"]}
 
 
 def algorithm_cfg(name, **kw):
-  """The RoundConfig of a named algorithm, built from lfmjax's table of switches."""
-  spec = lfmjax.ALGORITHMS[name]
-  fields = dict(local_loss=spec["loc"], fedavg=spec["fed"], smashmix=spec["mix"],
-                gradmix=spec["gradmix"], server_mode=spec["server"],
-                download=spec["download"], local_ce_weight=spec["local_ce_weight"])
-  return make_cfg(**{**fields, **kw})
+  """The RoundConfig of a named algorithm: its preset with the test's sizes."""
+  return make_cfg(**{**lfmjax.ALGORITHMS[name], **kw})
 
 
 ALGOS = {name: {} for name in lfmjax.ALGORITHMS}
@@ -356,15 +359,29 @@ def test_averaged_clients_equals_per_client_path():
   assert not dataclasses.replace(cfg, fedavg_opt_state=False).clients_averaged
   data = make_data()
   x = jnp.zeros((B, H, H, 1))
-  fast = plain_state = lfmjax.init_state(cfg, BENCH, jax.random.PRNGKey(2), x)
-  plain_state = jax.tree.map(jnp.array, fast)
+  fast = lfmjax.init_state(cfg, BENCH, jax.random.PRNGKey(2), x)
+  plain_state = lfmjax.init_state(plain, BENCH, jax.random.PRNGKey(2), x)
+  chex.assert_tree_shape_prefix(fast.clients, (1,))  # one copy, not C
+  chex.assert_tree_shape_prefix(plain_state.clients, (C,))
   fast_step = lfmjax.make_round_step(cfg, BENCH)
   plain_step = lfmjax.make_round_step(plain, BENCH)
   for _ in range(3):
     fast, m_fast = fast_step(fast, data)
     plain_state, m_plain = plain_step(plain_state, data)
-    chex.assert_trees_all_close(fast, plain_state, atol=2e-5, rtol=2e-5)
+    chex.assert_trees_all_close(expanded(fast), plain_state, atol=2e-5, rtol=2e-5)
     chex.assert_trees_all_close(m_fast, m_plain, atol=1e-5, rtol=1e-5)
+
+
+def test_averaged_phase_refuses_clients_that_differ():
+  """A state with a copy per client (here differing after a per-client step) is refused
+  by the averaged phase, not collapsed into one of its copies."""
+  cfg = algorithm_cfg("locfedmix")
+  plain = dataclasses.replace(cfg, averaged_clients=False, fedavg=False, smashmix=False)
+  state, _ = lfmjax.make_round_step(plain, MODEL)(init(plain), make_data())
+  lowers = state.clients.params["lower"]
+  assert not np.allclose(*(jax.tree.leaves(lowers)[0][:2]))  # the clients differ
+  with pytest.raises(lfmjax.round.ClientCopiesError, match="has 3: build the state"):
+    lfmjax.make_round_step(cfg, MODEL)(state, make_data())
 
 
 def test_adam_round_equals_reference_with_optax():
@@ -496,16 +513,38 @@ def test_weight_zero_client_contributes_nothing(name):
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(smashmix=True, server_mode="per_client"), "smashmix needs one shared server"),
-    (dict(server_mode="shard"), "server_mode='shard' is unknown"),
-    (dict(server_mode="relay", smashmix=False), "vanilla SL"),
-    (dict(download="none", local_ce_weight=0.0), "set local_ce_weight > 0"),
-    (dict(client_tx="adam"), "client_tx must be an optax.GradientTransformation"),
-    (dict(batch_size=0), "batch_size=0 must be at least 1"),
+    (dict(smashmix=True, server_mode="per_client"), "smashmix=True: SmashMix needs a single"),
+    (dict(server_mode="shard"), "server_mode='shard': use one of single"),
+    (dict(server_mode="relay", smashmix=False), "fedavg=True: vanilla SL"),
+    (dict(client_gradient="none", local_ce_weight=0.0), "local_ce_weight=0.0: with client_"),
+    (dict(client_tx="adam"), "client_tx='adam': must be an optax.GradientTransformation"),
+    (dict(batch_size=0), "batch_size=0: must be at least 1"),
+    (dict(normalize="standard"), "normalize='standard': 'standard' needs mean and std"),
+    (dict(resize_to=1), "resize_to=1: a square side in [2, 512]"),
 ])
 def test_round_config_refuses_what_cannot_work(fields, message):
-  with pytest.raises(ValueError, match=re.escape(message)):
+  with pytest.raises(lfmjax.SpecError, match=re.escape(message)) as error:
     make_cfg(**fields)
+  assert "\n" not in str(error.value)
+
+
+def test_presets_are_round_configs_and_the_cli_shares_their_errors():
+  """Every preset builds; the CLI's error for an impossible composition is RoundConfig's
+  rule, in the config's names."""
+  from lfmjax.config import base_config
+  from lfmjax.run.validate import ConfigError, validate
+  for name in lfmjax.ALGORITHMS:
+    cfg = lfmjax.preset(name, num_clients=C, batch_size=B, num_classes=N_CLS)
+    assert (cfg.server_mode, cfg.fedavg) == (lfmjax.ALGORITHMS[name]["server_mode"],
+                                             lfmjax.ALGORITHMS[name]["fedavg"])
+  with pytest.raises(lfmjax.SpecError) as api:
+    lfmjax.preset("sfl_v2", num_clients=C, batch_size=B, num_classes=N_CLS, smashmix=True)
+  config = base_config()
+  config.algorithm, config.smashmix = "sfl_v2", True
+  with pytest.raises(ConfigError) as cli:
+    validate(config)
+  fix = api.value.problems[0][2]
+  assert str(cli.value).startswith("config.smashmix=True: ") and fix in str(cli.value)
 
 
 # ----------------------------------------------- BatchNorm models against a plain loop
@@ -535,7 +574,10 @@ BN_MODEL = SplitModel(lower=BNLower(), upper=BNUpper(), decoder=Decoder(),
 def bn_reference_step(cfg, state, data):
   """One PSL or SFL-V1 iteration of a BatchNorm model, client by client: each lower
   normalises its own batch; PSL's server normalises the concatenated batch, SFL-V1's
-  copies each client's; FedAvg averages parameters and running statistics."""
+  copies each client's; FedAvg averages parameters and running statistics. LocFedMix
+  adds the decoder's loss on each client (weight mu) and SmashMix's batches, which the
+  server normalises by their own statistics and which leave its running ones alone."""
+  state = expanded(state)
   delta = np.asarray(data.weights_C)
   idx = np.asarray(batch_indices(jax.random.fold_in(state.key, 0), state.step,
                                  data.idx_CxM, data.sizes_C, cfg.batch_size))
@@ -556,13 +598,22 @@ def bn_reference_step(cfg, state, data):
                                 row(state.clients.params["lower"], k), has_aux=True)
     smashed.append(s), vjps.append(vjp), lower_stats.append(new_stats)
 
-  if cfg.server_mode == "shared":
+  if cfg.server_mode == "single":
     upper_stats = state.server.stats["batch_stats"]
+    mixes = (mixed_batches(cfg, state.key, int(state.step), smashed, ys) if cfg.smashmix
+             else [])
 
     def objective(params, s_all):
       logits, new_stats = run(BN_MODEL.upper, params, upper_stats, s_all)
       logits = logits.reshape(C, B, -1)
-      return sum(delta[k] * ce(logits[k], ys[k]) for k in range(C)), new_stats
+      total = sum(delta[k] * ce(logits[k], ys[k]) for k in range(C))
+      if mixes:  # every mixed batch in one batch of the upper
+        mix_logits, _ = run(BN_MODEL.upper, params, upper_stats,
+                            jnp.concatenate([s_mix for _, s_mix, _ in mixes]))
+        mix_logits = mix_logits.reshape(len(mixes), B, -1)
+        total += sum(delta[k] * soft_ce(mix_logits[i], y_mix)
+                     for i, (k, _, y_mix) in enumerate(mixes)) / cfg.num_mixed
+      return total, new_stats
 
     (_, new_upper_stats), (g_upper, g_s) = jax.value_and_grad(objective, (0, 1), has_aux=True)(
         state.server.params, jnp.concatenate(smashed))
@@ -582,34 +633,53 @@ def bn_reference_step(cfg, state, data):
       g.append(g_k)
     new_server = (stack([mean_of(uppers, delta)] * C), stack([mean_of(upper_stats, delta)] * C))
 
-  lowers = [sgd(row(state.clients.params["lower"], k), vjps[k](g[k])[0], lr_c)
-            for k in range(C)]
+  lowers, decoders = [], []
+  for k in range(C):
+    lower_k, dec_k = row(state.clients.params["lower"], k), row(state.clients.params["decoder"], k)
+    g_lower = vjps[k](g[k])[0]
+    if cfg.local_loss:
+      def mi_loss(w, h, k=k):
+        s, _ = run(BN_MODEL.lower, w, row(state.clients.stats["lower"], k)["batch_stats"], xs[k])
+        logits = apply(BN_MODEL.decoder, h, s)
+        return -jnp.mean(xs[k] * jax.nn.log_sigmoid(logits)
+                         + (1 - xs[k]) * jax.nn.log_sigmoid(-logits))
+      g_mi, g_dec = jax.grad(mi_loss, argnums=(0, 1))(lower_k, dec_k)
+      g_lower = jax.tree.map(lambda a, b: a + cfg.local_loss_weight * b, g_lower, g_mi)
+      dec_k = sgd(dec_k, g_dec, lr_c)
+    lowers.append(sgd(lower_k, g_lower, lr_c))
+    decoders.append(dec_k)
   stats = [{"batch_stats": s} for s in lower_stats]
   if cfg.fedavg:
     lowers, stats = [mean_of(lowers, delta)] * C, [mean_of(stats, delta)] * C
-  return new_server, (stack(lowers), stack(stats))
+    decoders = [mean_of(decoders, delta)] * C
+  return new_server, (stack(lowers), stack(stats), stack(decoders))
 
 
 @pytest.mark.parametrize("name,averaged", [("psl", False), ("sfl_v1", False),
-                                           ("sfl_v1", True)])
+                                           ("sfl_v1", True), ("locfedmix", False),
+                                           ("locfedmix", True)])
 def test_batchnorm_round_equals_plain_loop(name, averaged):
-  """Parameters and running statistics of both segments after two iterations, on the
-  per-client path and (SFL-V1 with SGD and FedAvg every iteration) the averaged one."""
-  cfg = algorithm_cfg(name, averaged_clients=averaged)
+  """Parameters and running statistics of both segments (and LocFedMix's decoders) after
+  two iterations, on the per-client path and (SGD, FedAvg every iteration) the averaged
+  one."""
+  cfg = algorithm_cfg(name, averaged_clients=averaged, local_loss_weight=0.7)
   assert cfg.clients_averaged == averaged
   data = make_data()
   state = lfmjax.init_state(cfg, BN_MODEL, jax.random.PRNGKey(3), jnp.zeros((B, H, H, 1)))
   step = lfmjax.make_round_step(cfg, BN_MODEL)
   for _ in range(2):
-    (upper, upper_stats), (lowers, lower_stats) = bn_reference_step(
+    (upper, upper_stats), (lowers, lower_stats, decoders) = bn_reference_step(
         cfg, jax.tree.map(jnp.array, state), data)
     state, _ = step(state, data)
+    single = cfg.server_mode == "single"
     chex.assert_trees_all_close((state.server.params, state.server.stats["batch_stats"]
-                                 if name == "psl" else state.server.stats),
-                                (upper, upper_stats["batch_stats"] if name == "psl"
+                                 if single else state.server.stats),
+                                (upper, upper_stats["batch_stats"] if single
                                  else upper_stats), atol=2e-5, rtol=2e-5)
-    chex.assert_trees_all_close((state.clients.params["lower"], state.clients.stats["lower"]),
-                                (lowers, lower_stats), atol=2e-5, rtol=2e-5)
+    clients = expanded(state).clients
+    chex.assert_trees_all_close((clients.params["lower"], clients.stats["lower"],
+                                 clients.params["decoder"]),
+                                (lowers, lower_stats, decoders), atol=2e-5, rtol=2e-5)
 
 
 class ReluStemUpper(nn.Module):

@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from test_checkpoint import tiny_config
 from test_cli import synthetic_fmnist  # noqa: F401  (fixture)
 
-from lfmjax import round as round_lib
 from lfmjax.main import run_config
 
 
@@ -53,7 +52,7 @@ CASES = [
     (dict(mixup_alpha=0.0), ["config.mixup_alpha=0.0", "alpha > 0"]),
     (dict(dirichlet_alpha=-1.0), ["config.dirichlet_alpha=-1.0", "alpha > 0"]),
     (dict(fedavg_every=0), ["config.fedavg_every=0", "T_c"]),
-    (dict(mu=-1.0), ["config.mu=-1.0", ">= 0"]),
+    (dict(local_loss_weight=-1.0), ["config.local_loss_weight=-1.0", ">= 0"]),
     (dict(num_mixed=0), ["config.num_mixed=0", "n_s"]),
     (dict(keep_checkpoints=0), ["config.keep_checkpoints=0", "at least 1"]),
     (dict(num_seeds=0), ["config.num_seeds=0", "at least 1"]),
@@ -134,14 +133,14 @@ FUZZ_FIELDS = {
     "client_optimizer": st.sampled_from(["sgd", "adam", "rmsprop"]),
     "client_lr": st.floats(allow_nan=True, allow_infinity=True),
     "momentum": st.floats(-0.5, 1.5),
-    "mu": st.floats(-1.0, 3.0),
+    "local_loss_weight": st.floats(-1.0, 3.0),
     "num_mixed": st.integers(-1, 3),
     "mixup_alpha": st.one_of(st.floats(-1.0, 4.0), st.just(math.nan)),
     "fedavg_every": st.integers(-1, 4),
     "gradmix_fraction": st.floats(-0.5, 1.5),
-    "loc": st.sampled_from([None, True, False]),
-    "fed": st.sampled_from([None, True, False]),
-    "mix": st.sampled_from([None, True, False]),
+    "local_loss": st.sampled_from([None, True, False]),
+    "fedavg": st.sampled_from([None, True, False]),
+    "smashmix": st.sampled_from([None, True, False]),
     "local_loss_kind": st.sampled_from(["bce", "mse", "l1"]),
 }
 

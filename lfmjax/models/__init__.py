@@ -11,18 +11,18 @@ are inferred at init, so every model accepts any reasonable input size.
   tiny_cnn   one conv layer; for fast tests
   mlp        dense 128 | dense K; for fast tests
 
-Every conv model takes the override `conv_impl`: 'auto' (default; on the CPU the kernels
-of `patch_conv`, chosen by what a vmap batches: per-client weights become a loop of
-one-client XLA convolutions with their gradients in the layouts XLA:CPU computes fast,
-shared weights one large convolution; XLA's own convolutions on GPU and TPU), 'patch' (always im2col + matmul)
-or 'lax' (flax's nn.Conv). Variables are the same for all three.
+Models take no kernel switch: every convolution is a `patch_conv.PatchConv`, whose
+kernels `patch_conv` picks from the backend and from what a vmap batches (on the CPU,
+per-client weights become a loop of one-client XLA convolutions with their gradients in
+the layouts XLA:CPU computes fast, shared weights one large convolution; XLA's own
+convolutions on GPU and TPU). Variables are laid out as flax.linen.Conv's.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 from lfmjax.models import bench_cnn, resnet, small, vgg
-from lfmjax.models.layers import CONV_IMPLS, AuxHead, Decoder, bilinear_resize
+from lfmjax.models.layers import AuxHead, Decoder, bilinear_resize
 from lfmjax.models.util import (SEGMENTS, SplitModel, apply_module, has_stem, init_split,
                                 param_count, smashed_shape)
 
@@ -35,8 +35,6 @@ _REGISTRY: dict[str, tuple[Callable[..., SplitModel], dict[str, Any]]] = {
     "mlp": (small.build_mlp, small.MLP_DEFAULTS),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
-# Overrides that take one of a few strings.
-_CHOICES = {"conv_impl": CONV_IMPLS}
 
 
 def _check_value(name: str, field: str, default: Any, value: Any) -> Any:
@@ -55,8 +53,6 @@ def _check_value(name: str, field: str, default: Any, value: Any) -> Any:
     if not isinstance(value, (tuple, list)):  # ConfigDicts may hand over lists
       raise bad("a tuple")
     return tuple(value)
-  if field in _CHOICES and value not in _CHOICES[field]:
-    raise bad(f"one of {', '.join(_CHOICES[field])}")
   return value
 
 

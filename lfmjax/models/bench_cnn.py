@@ -15,11 +15,12 @@ from __future__ import annotations
 import jax
 import flax.linen as nn
 
-from lfmjax.models.layers import (AuxHead, Decoder, conv_layer, flatten, max_pool2,
-                                  torch_bias_init, torch_conv, torch_dense_fan_in)
+from lfmjax.models.layers import (AuxHead, Decoder, conv_layer, flatten, torch_bias_init,
+                                  torch_conv, torch_dense_fan_in)
+from lfmjax.models.patch_conv import max_pool2
 from lfmjax.models.util import SplitModel
 
-DEFAULTS = dict(decoder_hidden=12, conv_impl="auto")
+DEFAULTS = dict(decoder_hidden=12)
 
 
 class BenchLower(nn.Module):
@@ -28,12 +29,11 @@ class BenchLower(nn.Module):
   Computed as relu(pool(conv(x))): the same numbers as torch's relu-then-pool (max
   commutes with the monotone relu), with the relu on a quarter of the values.
   """
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = nn.relu(torch_conv(32, x, impl=self.conv_impl, pool=True, name="conv1")(x))
-    return nn.relu(torch_conv(64, x, impl=self.conv_impl, pool=True, name="conv2")(x))
+    x = nn.relu(torch_conv(32, x, pool=True, name="conv1")(x))
+    return nn.relu(torch_conv(64, x, pool=True, name="conv2")(x))
 
 
 class BenchUpper(nn.Module):
@@ -46,12 +46,10 @@ class BenchUpper(nn.Module):
   num_classes: int
   in_channels: int = 64
   flat_features: int = 2048
-  conv_impl: str = "auto"
 
   def setup(self):
     self.conv3 = conv_layer(128, kernel=3, padding=1,
-                            bias_init=torch_bias_init(9 * self.in_channels),
-                            impl=self.conv_impl)
+                            bias_init=torch_bias_init(9 * self.in_channels))
     self.fc1 = torch_dense_fan_in(256, self.flat_features)
     self.fc2 = torch_dense_fan_in(self.num_classes, 256)
 
@@ -67,10 +65,10 @@ class BenchUpper(nn.Module):
 
 
 def build(num_classes: int, input_shape: tuple[int, int, int], *,
-          decoder_hidden: int, conv_impl: str) -> SplitModel:
+          decoder_hidden: int) -> SplitModel:
   h, w, c = input_shape
   flat_features = (h // 2 // 2 // 2) * (w // 2 // 2 // 2) * 128  # three floor-ing pools
-  return SplitModel(lower=BenchLower(conv_impl),
-                    upper=BenchUpper(num_classes, 64, flat_features, conv_impl),
-                    decoder=Decoder((h, w), c, decoder_hidden, conv_impl),
+  return SplitModel(lower=BenchLower(),
+                    upper=BenchUpper(num_classes, 64, flat_features),
+                    decoder=Decoder((h, w), c, decoder_hidden),
                     aux_head=AuxHead(num_classes), name="bench_cnn")

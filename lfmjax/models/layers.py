@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from lfmjax.models.patch_conv import PatchConv, add_bias, max_pool2  # noqa: F401 (re-exported)
+from lfmjax.models.patch_conv import PatchConv, add_bias
 
 # PyTorch's default for nn.Conv2d / nn.Linear weights is kaiming_uniform_(a=sqrt(5)),
 # i.e. U(-b, b) with b = gain * sqrt(3 / fan_in), gain = sqrt(2 / (1 + 5)):
@@ -41,36 +41,21 @@ def torch_bias_init(fan_in: int):
   return init
 
 
-# How convolutions are computed: 'auto' (default: `patch_conv.PatchConv`, whose kernels
-# are chosen by what is batched and by the backend), 'patch' (always im2col + matmul) or
-# 'lax' (flax's nn.Conv: vmapped over per-client weights it becomes a grouped
-# convolution, which XLA:CPU computes slowly). All three have the same parameters
-# (kernel HWIO, bias): variables are interchangeable.
-CONV_IMPLS = ("auto", "patch", "lax")
-
-
 def conv_layer(features: int, *, kernel: int, stride: int = 1, padding: int,
                use_bias: bool = True, kernel_init=torch_kernel_init,
-               bias_init=nn.initializers.zeros, impl: str = "auto",
-               pool: bool = False, name: str | None = None) -> nn.Module:
-  """Every convolution of the zoo goes through here: square kernel, explicit
-  symmetric padding (flax's 'SAME' pads strided convs asymmetrically, PyTorch's
-  `padding=1` does not), and the implementation switch. `pool=True` appends PyTorch's
-  MaxPool2d(2) (fused into the layer for 'auto' and 'patch')."""
-  if impl in ("auto", "patch"):
-    return PatchConv(features, kernel, stride, padding, use_bias, kernel_init, bias_init,
-                     impl, pool, name=name)
-  if impl != "lax":
-    raise ValueError(f"conv_impl={impl!r} must be one of {', '.join(CONV_IMPLS)}")
-  conv = nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding),) * 2, use_bias=use_bias,
-                 kernel_init=kernel_init, bias_init=bias_init, name=name)
-  return (lambda x: max_pool2(conv(x))) if pool else conv
+               bias_init=nn.initializers.zeros, pool: bool = False,
+               name: str | None = None) -> nn.Module:
+  """Every convolution of the zoo goes through here: a `PatchConv` (square kernel,
+  explicit symmetric padding: flax's 'SAME' pads strided convs asymmetrically,
+  PyTorch's `padding=1` does not). Its kernels are chosen by `patch_conv` itself, from
+  the backend and from what is batched. `pool=True` appends PyTorch's MaxPool2d(2)
+  (fused into the layer where that pays)."""
+  return PatchConv(features, kernel, stride, padding, use_bias, kernel_init, bias_init,
+                   pool=pool, name=name)
 
 
 def torch_conv(features: int, x: jax.Array, *, kernel: int = 3, padding: int = 1,
-               impl: str = "auto", pool: bool = False, name: str | None = None
-               ) -> nn.Module:
+               pool: bool = False, name: str | None = None) -> nn.Module:
   """A conv with PyTorch's default init (weights and bias U(-1/sqrt(fan_in), ..)).
 
   Call inside a compact method as `torch_conv(32, x)(x)`: `x` supplies the fan-in
@@ -78,7 +63,7 @@ def torch_conv(features: int, x: jax.Array, *, kernel: int = 3, padding: int = 1
   """
   fan_in = kernel * kernel * x.shape[-1]
   return conv_layer(features, kernel=kernel, padding=padding,
-                    bias_init=torch_bias_init(fan_in), impl=impl, pool=pool, name=name)
+                    bias_init=torch_bias_init(fan_in), pool=pool, name=name)
 
 
 def torch_dense_fan_in(features: int, fan_in: int, *, name: str | None = None) -> nn.Dense:
@@ -121,12 +106,12 @@ class Decoder(nn.Module):
   (12) channels, ReLU, conv3x3 to the input's channels. Returns reconstruction
   *logits*; the loss applies the sigmoid. For 2-D smashed data (the MLP) there is no
   spatial map to upsample, so a single dense layer produces the H*W*C logits.
+  The upsampling and the first conv are computed together (`UpsampleConv`).
   PyTorch-default init, as the torch peer's decoder.
   """
   out_hw: tuple[int, int]
   out_channels: int
   hidden: int = 12
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, s: jax.Array, train: bool = False) -> jax.Array:
@@ -134,13 +119,8 @@ class Decoder(nn.Module):
     if s.ndim == 2:
       logits = torch_dense(h * w * self.out_channels, s, name="fc")(s)
       return logits.reshape((s.shape[0], h, w, self.out_channels))
-    if self.conv_impl != "lax":
-      x = UpsampleConv(self.hidden, self.out_hw, name="conv1")(s)
-    else:
-      x = bilinear_resize(s, self.out_hw)
-      x = torch_conv(self.hidden, x, impl=self.conv_impl, name="conv1")(x)
-    x = nn.relu(x)
-    return torch_conv(self.out_channels, x, impl=self.conv_impl, name="conv2")(x)
+    x = nn.relu(UpsampleConv(self.hidden, self.out_hw, name="conv1")(s))
+    return torch_conv(self.out_channels, x, name="conv2")(x)
 
 
 def conv3x3_tap_matrices(out_n: int, in_n: int) -> np.ndarray:

@@ -10,8 +10,8 @@ several situations, and which one it is shows in the batching, not in the code:
   SGLR, Adam, anything without FedAvg after every iteration).
 
 Vmapping XLA's convolution over a client axis of *weights* gives a grouped convolution,
-which XLA:CPU computes at a few GFLOP/s. So on the CPU, `conv2d` is a custom VJP whose
-three parts (the forward, the input gradient and the weight gradient) are
+which XLA:CPU computes at a few GFLOP/s. So on the CPU, `fast_conv2d` is a custom VJP
+whose three parts (the forward, the input gradient and the weight gradient) are
 `jax.custom_batching.custom_vmap` functions. Their batching rules pick the kernel from
 what is batched: a batch axis on the data alone is folded into the samples (one large
 convolution); a batch axis on the weights becomes a `lax.map` over it, each step running
@@ -19,8 +19,8 @@ the one-client kernel: XLA's convolution forward, the input gradient as a stride
 convolution (the flipped kernel, or the stride's phases as output channels), and the
 weight gradient as a convolution laid out the way XLA:CPU's fast (Eigen) path takes
 it. A user's `jax.vmap` over seeds or clients, nested or not, gets the same kernels
-with no flag to set. On other backends (GPU, TPU) `conv2d` is XLA's own convolution and
-its own gradients; `kernel_backend()` tells which.
+with no flag to set. On other backends (GPU, TPU) `fast_conv2d` is XLA's own
+convolution and its own gradients; `kernel_backend()` tells which.
 
 On the CPU these kernels are fast only without XLA's YNNPACK convolutions, which on
 this machine's AVX-512 cores run at half the speed of the Eigen path they replace
@@ -28,8 +28,8 @@ this machine's AVX-512 cores run at half the speed of the Eigen path they replac
 `compiler_options()` turns them off; every program lfmjax compiles passes it to
 `jax.jit`, and a user who jits `round_step` inside their own program should too.
 
-Parameters are named and laid out as `flax.linen.Conv`'s (`kernel` HWIO, `bias`), so
-every implementation here is interchangeable with flax's.
+`PatchConv`, the layer the models use, names and lays out its parameters as
+`flax.linen.Conv` does (`kernel` HWIO, `bias`): variables are interchangeable with flax's.
 """
 from __future__ import annotations
 
@@ -54,24 +54,6 @@ def compiler_options() -> dict[str, str]:
   if kernel_backend() == "cpu":
     return {"xla_cpu_experimental_ynn_fusion_type": ""}
   return {}
-
-
-def im2col(x_BxHxWxC: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
-  """The k*k shifted views of x, concatenated on channels in (kh, kw, c) order."""
-  x = jnp.pad(x_BxHxWxC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  h_out = (x.shape[1] - kernel) // stride + 1
-  w_out = (x.shape[2] - kernel) // stride + 1
-  views = [x[:, i:i + stride * (h_out - 1) + 1:stride, j:j + stride * (w_out - 1) + 1:stride, :]
-           for i in range(kernel) for j in range(kernel)]
-  return views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
-
-
-def conv2d(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, stride: int = 1,
-           padding: int = 0) -> jax.Array:
-  """Cross-correlation (as lax.conv) through im2col + matmul: for per-client weights."""
-  k, _, c, f = kernel_KxKxCxF.shape
-  patches = im2col(x_BxHxWxC, k, stride, padding)
-  return jnp.dot(patches, kernel_KxKxCxF.reshape(k * k * c, f))
 
 
 def lax_conv2d(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, stride: int = 1,
@@ -473,8 +455,9 @@ _max_pool2_even.defvjp(_max_pool2_fwd, _max_pool2_bwd)
 class PatchConv(nn.Module):
   """Drop-in for `nn.Conv` (square kernel, symmetric padding).
 
-  impl='auto' uses `fast_conv2d` (its kernel chosen by what is batched, and by the
-  backend); impl='patch' always uses `conv2d` (im2col + matmul). With `pool=True` it returns
+  Computed by `fast_conv2d`, whose kernels are chosen by what is batched and by the
+  backend (with `pool=True` on the CPU, a 3x3 conv of few input channels fuses the
+  pooling: `pooled_conv3x3`); there is no switch to set. With `pool=True` it returns
   max_pool2(conv(x) + bias), computed as max_pool2(conv(x)) + bias: the same numbers
   (adding a constant commutes with max, rounding included), the bias added to a
   quarter of the values.
@@ -486,19 +469,16 @@ class PatchConv(nn.Module):
   use_bias: bool = True
   kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
   bias_init: Callable[..., Any] = nn.initializers.zeros
-  impl: str = "auto"
   pool: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32).astype(x.dtype)
-    if self.impl == "auto" and self.pool and _fuses_pool(x.shape, shape, self.stride,
-                                                         self.padding):
+    if self.pool and _fuses_pool(x.shape, shape, self.stride, self.padding):
       y = pooled_conv3x3(x, kernel)
     else:
-      conv = fast_conv2d if self.impl == "auto" else conv2d
-      y = conv(x, kernel, self.stride, self.padding)
+      y = fast_conv2d(x, kernel, self.stride, self.padding)
       if self.pool:
         y = max_pool2(y)
     if self.use_bias:

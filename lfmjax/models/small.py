@@ -9,21 +9,21 @@ from __future__ import annotations
 import jax
 import flax.linen as nn
 
-from lfmjax.models.layers import AuxHead, Decoder, flatten, max_pool2, torch_conv, torch_dense
+from lfmjax.models.layers import AuxHead, Decoder, flatten, torch_conv, torch_dense
+from lfmjax.models.patch_conv import max_pool2
 from lfmjax.models.util import SplitModel
 
-TINY_DEFAULTS = dict(width=4, decoder_hidden=12, conv_impl="auto")
+TINY_DEFAULTS = dict(width=4, decoder_hidden=12)
 MLP_DEFAULTS = dict(hidden=128)
 
 
 class TinyLower(nn.Module):
   """conv3x3(C -> width) relu maxpool2."""
   width: int = 4
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = torch_conv(self.width, x, impl=self.conv_impl, name="conv1")
+    conv = torch_conv(self.width, x, name="conv1")
     return max_pool2(nn.relu(conv(x)))
 
 
@@ -48,10 +48,10 @@ class MLPLower(nn.Module):
 
 
 def build_tiny(num_classes: int, input_shape: tuple[int, int, int], *, width: int,
-               decoder_hidden: int, conv_impl: str) -> SplitModel:
+               decoder_hidden: int) -> SplitModel:
   h, w, c = input_shape
-  return SplitModel(lower=TinyLower(width, conv_impl), upper=FlattenDense(num_classes),
-                    decoder=Decoder((h, w), c, decoder_hidden, conv_impl),
+  return SplitModel(lower=TinyLower(width), upper=FlattenDense(num_classes),
+                    decoder=Decoder((h, w), c, decoder_hidden),
                     aux_head=AuxHead(num_classes), name="tiny_cnn")
 
 

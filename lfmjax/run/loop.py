@@ -186,7 +186,7 @@ def build_model(config, dataset):
 
 def prepare(config, log: Callable) -> Prepared:
   """Data, partition, model, initial state, ledger and the compiled programs on the mesh."""
-  dataset = load_dataset(config.dataset, config.data_dir, download=config.download,
+  dataset = load_dataset(config.dataset, config.data_dir, download=config.data_download,
                          verify=config.data_verify)
   idx_CxM, sizes_C = client_partition(config, dataset)
   cfg = algorithms.round_config_from(config, dataset.num_classes)
@@ -194,10 +194,9 @@ def prepare(config, log: Callable) -> Prepared:
   data = make_data(dataset.train_x, dataset.train_y, idx_CxM, sizes_C)
   x_example, _ = cfg.preprocess(jnp.asarray(dataset.train_x[:config.batch_size]))
   state = init_state(cfg, model, jax.random.PRNGKey(config.seed), x_example)
-  switches = algorithms.resolve_switches(config)
   mesh = make_mesh(config.num_devices)
-  log(f"lfmjax: {config.algorithm} (loc={switches['loc']}, fed={switches['fed']}, "
-      f"mix={switches['mix']}) | {dataset.name} from {dataset.source} | "
+  log(f"lfmjax: {config.algorithm} (local_loss={cfg.local_loss}, fedavg={cfg.fedavg}, "
+      f"smashmix={cfg.smashmix}) | {dataset.name} from {dataset.source} | "
       f"{config.model} | C={config.num_clients} B={config.batch_size} | "
       f"{config.num_iterations} iterations on {mesh.size} {jax.devices()[0].platform} "
       f"device(s)" + (f", {jax.process_count()} processes" if jax.process_count() > 1 else "")
@@ -296,7 +295,7 @@ def run_loop(config, prep: Prepared, wd: Workdir, progress: Progress, t_start: f
           window = []
         last_acc = record["test_accuracy"]
         wd.writer.write(record)
-        progress.close()  # ends the TTY's progress line before the evaluation line
+        progress.clear()  # the terminal's bar off, for the evaluation line
         log(evaluation_line(record))
       if (caught or step == config.num_iterations
           or config.checkpoint_every and step % config.checkpoint_every == 0):

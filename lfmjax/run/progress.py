@@ -1,44 +1,58 @@
-"""The progress line of a run: iterations, rate, ETA and the latest test accuracy."""
+"""The progress line of a run: iterations, rate, ETA and the latest test accuracy.
+
+A tqdm bar on a terminal. Into a file or a pipe (a batch job's log) the same line,
+formatted by tqdm, is printed on its own line at most every `LOG_INTERVAL_S` seconds,
+since a carriage-return bar would be one unreadable line there.
+"""
 from __future__ import annotations
 
-import math
 import sys
 import time
 
+from tqdm import tqdm
+
+LOG_INTERVAL_S = 10.0
+BAR_FORMAT = "{l_bar}{bar:30}| {n_fmt}/{total_fmt} it | {rate_fmt} | ETA {remaining} | "
+
+
+def bar_format(accuracy: float | None) -> str:
+  """tqdm's bar with the latest test accuracy at its end (plain text, no braces)."""
+  return BAR_FORMAT + "test acc " + ("-" if accuracy is None else f"{100 * accuracy:.2f}%")
+
 
 class Progress:
-  """One progress line: iterations, rate, ETA and the latest test accuracy."""
+  """Iterations `start`..`total`; the rate counts this process's iterations only."""
 
   def __init__(self, total: int, start: int, stream=sys.stderr):
     self.total, self.start, self.stream = total, start, stream
-    self.t0 = time.perf_counter()
     self.tty = stream.isatty()
+    self.t0 = time.perf_counter()
     self.last_print = 0.0
+    self.bar = (tqdm(total=total, initial=start, file=stream, unit="it",
+                     bar_format=bar_format(None), mininterval=0.5)
+                if self.tty else None)
 
   def update(self, step: int, accuracy: float | None, force: bool = False) -> None:
+    if self.bar is not None:
+      self.bar.bar_format = bar_format(accuracy)
+      self.bar.update(step - self.bar.n)
+      if force:
+        self.bar.refresh()
+      return
     now = time.perf_counter()
-    if not force and not self.tty and now - self.last_print < 10.0:
+    if not force and now - self.last_print < LOG_INTERVAL_S:
       return
     self.last_print = now
-    done = step - self.start
-    rate = done / max(now - self.t0, 1e-9)
-    eta = (self.total - step) / rate if rate > 0 else float("inf")
-    width = 30
-    filled = int(width * step / max(self.total, 1))
-    acc = "-" if accuracy is None else f"{100 * accuracy:.2f}%"
-    line = (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} it "
-            f"| {rate:.2f} it/s | ETA {format_seconds(eta)} | test acc {acc}")
-    end = "\r" if self.tty else "\n"
-    print(line, end=end, file=self.stream, flush=True)
+    line = tqdm.format_meter(step, self.total, now - self.t0, ncols=None, unit="it",
+                             bar_format=bar_format(accuracy), initial=self.start)
+    print(line, file=self.stream, flush=True)
+
+  def clear(self) -> None:
+    """Takes the bar off the terminal so that a log line can be printed; the next
+    update draws it again."""
+    if self.bar is not None:
+      self.bar.clear()
 
   def close(self) -> None:
-    if self.tty:
-      print(file=self.stream)
-
-
-def format_seconds(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
+    if self.bar is not None:
+      self.bar.close()

@@ -18,7 +18,8 @@ class ConfigError(ValueError):
 
 
 def validate(config) -> None:
-  """Checks the config before anything is loaded or compiled."""
+  """Checks the config before anything is loaded or compiled: the fields only the run
+  reads here, then everything the round reads by building its RoundConfig (`spec`)."""
   def need(ok: bool, field: str, fix: str):
     if not ok:
       raise ConfigError(f"config.{field}={config.get(field)!r}: {fix}")
@@ -26,8 +27,28 @@ def validate(config) -> None:
        f"use one of {', '.join(sorted(algorithms.ALGORITHMS))}")
   need(config.model in MODEL_NAMES, "model", f"use one of {', '.join(MODEL_NAMES)}")
   need(config.partition in PARTITIONS, "partition", f"use one of {', '.join(PARTITIONS)}")
-  need(config.num_clients >= 1, "num_clients", "must be at least 1")
-  need(config.batch_size >= 1, "batch_size", "must be at least 1")
+  need(known_dataset(config.dataset), "dataset", "use fashion_mnist or cifar10")
+  check_optimisation(need, config)
+  need(positive(config.dirichlet_alpha), "dirichlet_alpha", "Dirichlet needs alpha > 0")
+  need(config.classes_per_client >= 1, "classes_per_client", "must be at least 1")
+  need(config.samples_per_client >= 1, "samples_per_client", "must be at least 1")
+  need(config.num_iterations >= 0, "num_iterations", "must be non-negative")
+  need(config.steps_per_dispatch >= 1, "steps_per_dispatch", "must be at least 1")
+  need(config.eval_every >= 1, "eval_every", "must be at least 1")
+  need(config.eval_clients >= 0, "eval_clients", "must be >= 0 (0: all clients)")
+  need(config.eval_chunk >= 1, "eval_chunk", "must be at least 1")
+  need(config.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: no checkpoints)")
+  need(config.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
+  need(config.num_seeds >= 1, "num_seeds", "must be at least 1")
+  need(0 <= config.num_devices <= jax.device_count(), "num_devices",
+       f"this run has {jax.device_count()} device(s); use 0 (all) or fewer")
+  for field in ("client_flops_per_s", "server_flops_per_s", "uplink_bytes_per_s",
+                "downlink_bytes_per_s"):
+    need(positive(config.get(field)), field, "rates must be positive numbers")
+  spec(config)
+
+
+def check_optimisation(need, config) -> None:
   need(config.client_optimizer in OPTIMIZERS, "client_optimizer",
        f"use one of {', '.join(OPTIMIZERS)}")
   need(config.server_optimizer in (None, *OPTIMIZERS), "server_optimizer",
@@ -43,39 +64,32 @@ def validate(config) -> None:
   need(all(0.0 < f < 1.0 for f in config.decay_fractions), "decay_fractions",
        "each drop must lie in (0, 1), a fraction of the run")
   need(0.0 < config.decay_factor < math.inf, "decay_factor", "must be positive")
-  need(known_dataset(config.dataset), "dataset", "use fashion_mnist or cifar10")
   need(positive(config.client_lr), "client_lr", "the learning rate must be a positive number")
   need(config.server_lr is None or positive(config.server_lr), "server_lr",
        "the learning rate must be a positive number (or leave it unset)")
   need(math.isfinite(config.server_lr_exponent), "server_lr_exponent", "must be a number")
   need(0.0 <= config.momentum < 1.0, "momentum", "must be in [0, 1)")
-  need(config.fedavg_every >= 1, "fedavg_every", "T_c must be at least 1")
-  need(config.num_mixed >= 1, "num_mixed", "n_s must be at least 1")
-  need(positive(config.mixup_alpha), "mixup_alpha", "Beta(alpha, alpha) needs alpha > 0")
-  need(positive(config.dirichlet_alpha), "dirichlet_alpha", "Dirichlet needs alpha > 0")
-  need(0.0 <= config.mu < math.inf, "mu", "the local-loss weight must be >= 0")
-  need(config.local_ce_weight is None or 0.0 <= config.local_ce_weight < math.inf,
-       "local_ce_weight", "must be >= 0 (or leave it unset)")
-  need(config.classes_per_client >= 1, "classes_per_client", "must be at least 1")
-  need(config.samples_per_client >= 1, "samples_per_client", "must be at least 1")
-  need(config.num_iterations >= 0, "num_iterations", "must be non-negative")
-  need(config.steps_per_dispatch >= 1, "steps_per_dispatch", "must be at least 1")
-  need(config.eval_every >= 1, "eval_every", "must be at least 1")
-  need(config.eval_clients >= 0, "eval_clients", "must be >= 0 (0: all clients)")
-  need(config.eval_chunk >= 1, "eval_chunk", "must be at least 1")
-  need(config.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: no checkpoints)")
-  need(config.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
-  need(config.num_seeds >= 1, "num_seeds", "must be at least 1")
-  need(0 <= config.num_devices <= jax.device_count(), "num_devices",
-       f"this run has {jax.device_count()} device(s); use 0 (all) or fewer")
-  need(config.local_loss_kind in ("bce", "mse"), "local_loss_kind", "use 'bce' or 'mse'")
-  need(config.input.normalize in algorithms.NORMALIZATIONS, "input.normalize",
-       f"use one of {', '.join(algorithms.NORMALIZATIONS)}")
-  need(0.0 < config.gradmix_fraction <= 1.0, "gradmix_fraction", "phi must be in (0, 1]")
-  for field in ("client_flops_per_s", "server_flops_per_s", "uplink_bytes_per_s",
-                "downlink_bytes_per_s"):
-    need(positive(config.get(field)), field, "rates must be positive numbers")
-  check_composition(config)
+
+
+# RoundConfig fields the config names otherwise: the structure is the algorithm's, the
+# input pipeline sits under `input`.
+_CONFIG_FIELD = {"server_mode": "algorithm", "client_gradient": "algorithm",
+                 **{f: f"input.{f}" for f in ("resize_to", "channels", "normalize", "mean",
+                                               "std")}}
+
+
+def spec(config) -> algorithms.RoundConfig:
+  """The config's RoundConfig; its composition errors as one line in the config's names."""
+  try:
+    # Both datasets have 10 classes; no rule depends on more than "at least 2".
+    return algorithms.round_config_from(config, num_classes=10)
+  except algorithms.SpecError as e:
+    field, value, fix = e.problems[0]
+    name = _CONFIG_FIELD.get(field, field)
+    if name == "algorithm":
+      fix = f"{config.algorithm} has {field}={value!r}; {fix}"
+    shown = config.algorithm if name == "algorithm" else value
+    raise ConfigError(f"config.{name}={shown!r}: {fix}") from None
 
 
 def known_dataset(name) -> bool:
@@ -88,24 +102,6 @@ def known_dataset(name) -> bool:
 
 def positive(value) -> bool:
   return 0.0 < value < math.inf
-
-
-def check_composition(config) -> None:
-  """Switches the algorithm's structure cannot take (SPEC.md's table)."""
-  structure = algorithms.ALGORITHMS[config.algorithm]
-  switches = algorithms.resolve_switches(config)
-  if structure["server"] == "relay":
-    for name in ("fed", "mix", "gradmix"):
-      if switches[name]:
-        raise ConfigError(f"config.{name}=True: vanilla SL ({config.algorithm}) hands one "
-                          f"lower from client to client and has no {name}; unset it or "
-                          f"pick a parallel algorithm")
-  if structure["server"] != "shared" and switches["mix"]:
-    raise ConfigError(f"config.mix=True: SmashMix needs one shared server, and "
-                      f"{config.algorithm} steps per client; use psl, sglr or locfedmix")
-  if structure["download"] == "none" and config.local_ce_weight == 0.0:
-    raise ConfigError(f"config.local_ce_weight=0.0: {config.algorithm}'s clients receive no "
-                      f"gradient and learn only from the aux head; set it above 0")
 
 
 def model_input_shape(config, image_shape) -> tuple[int, int, int]:
