@@ -86,7 +86,7 @@ def cifar_small(algorithm: str, clients: int, iterations: int, seeds: int,
   about 8x cheaper per iteration, for the CPU budget."""
   c = cifar(algorithm, clients, iterations, seeds, partition, alpha)
   c.batch_size = 8
-  c.model_overrides = {"widths": (16, 32, 64)}
+  c.model_overrides.widths = (16, 32, 64)
   return c
 
 

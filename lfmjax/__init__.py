@@ -22,7 +22,12 @@ Sharded over every device (`lfmjax.mesh`; clients padded to a multiple of the de
                             mesh),
         placement)
 """
-from lfmjax import data, mesh
+from lfmjax import interrupt
+
+if interrupt.starting_cli():  # before the imports below, which take seconds
+  interrupt.install()
+
+from lfmjax import data, mesh  # noqa: E402
 from lfmjax.algorithms import ALGORITHMS, RoundConfig, SpecError, preset, round_config_from
 from lfmjax.evaluate import make_evaluate, pad_to_chunks
 from lfmjax.mesh import jit_sharded, make_mesh, make_placement, padded_round, put_global

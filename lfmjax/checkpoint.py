@@ -16,9 +16,11 @@ ignored and removed when the next run opens the manager.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -73,17 +75,20 @@ def _normal(value):
 def check_workdir(workdir: str, config_json: str) -> bool:
   """True when `workdir` holds this run (resume it); False when it holds no run.
 
-  Raises CheckpointError, naming the differing fields, when it holds another run.
+  Raises CheckpointError, naming the differing fields, when it holds another run, and
+  when it holds a run's checkpoints or metrics without a readable config.json (the run
+  could no longer be resumed, and another config's records would mix with it).
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
+    left = [name for name in ("checkpoints", "metrics.jsonl", "eval.csv")
+            if os.path.exists(os.path.join(workdir, name))]
+    if left:
+      raise CheckpointError(f"--workdir={workdir} holds a run's {' and '.join(left)} but no "
+                            f"{CONFIG_FILE}; put that run's {CONFIG_FILE} back to resume it, "
+                            f"or use a new --workdir")
     return False
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"--workdir={workdir} has an unreadable {CONFIG_FILE} ({e}); use "
-                          f"a new --workdir or remove that file") from None
+  saved = _read_config(workdir, path)
   from lfmjax.config import base_config
   differences = config_differences(saved, json.loads(config_json),
                                    defaults=json.loads(base_config().to_json()))
@@ -94,6 +99,40 @@ def check_workdir(workdir: str, config_json: str) -> bool:
   return True
 
 
+def _read_config(workdir: str, path: str) -> dict:
+  def refuse(why: str) -> CheckpointError:
+    return CheckpointError(f"--workdir={workdir} has an unreadable {CONFIG_FILE} ({why}); "
+                           f"put that run's {CONFIG_FILE} back, or use a new --workdir")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise refuse(str(e)) from None
+  if not isinstance(saved, dict) or not isinstance(saved.get("algorithm"), str):
+    raise refuse(f"a JSON {type(saved).__name__} without the config's fields")
+  return saved
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+  """The OSError that caused `error`, following its chain of causes."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The iterations of the checkpoints kept in `workdir` (orbax names a step's directory
+  by its number), without opening a manager."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
 class Checkpoints:
   """The run's checkpoints: save every `every` iterations, keep the last `keep`."""
 
@@ -101,6 +140,8 @@ class Checkpoints:
     import orbax.checkpoint as ocp
     self._ocp = ocp
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.log_path = os.path.join(workdir, "error.log")
+    self.closed = False
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -112,10 +153,27 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state, loop: dict[str, Any]) -> None:
+    """Saves atomically (orbax renames a complete step into place). A failed write (a
+    full disk, a read-only filesystem) is one CheckpointError with the earlier steps
+    kept; what orbax's threads print while failing goes to <workdir>/error.log."""
     ocp = self._ocp
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)), force=True)
-    self.manager.wait_until_finished()
+    try:
+      with stderr_to(self.log_path):
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)), force=True)
+        self.manager.wait_until_finished()
+    except Exception as e:  # orbax and TensorStore wrap the OSError in their own types
+      with stderr_to(self.log_path):  # its threads report the failure again as they stop
+        self.manager.close()
+        self.closed = True
+      kept = checkpoint_steps(os.path.dirname(self.directory))
+      cause = os_error_in(e)
+      why = (cause.strerror or str(cause)) if cause is not None else str(e).splitlines()[0]
+      raise CheckpointError(
+          f"the checkpoint of iteration {step} could not be written in {self.directory} "
+          f"({why[:160]}); "
+          + (f"the checkpoint of iteration {kept[-1]} is kept: " if kept else "")
+          + "free space (or make it writable) and run the same command to resume") from None
 
   def restore(self, step: int, like_state) -> tuple[Any, dict[str, Any]]:
     """The state saved at `step`, with `like_state`'s structure, shapes and dtypes."""
@@ -132,4 +190,57 @@ class Checkpoints:
     return restored.state, dict(restored.loop)
 
   def close(self) -> None:
-    self.manager.close()
+    if not self.closed:
+      self.manager.close()
+      self.closed = True
+
+
+@contextlib.contextmanager
+def stderr_to(path: str):
+  """File descriptor 2 appended to `path` within the block, then restored (if `path`
+  cannot be opened, stderr stays as it is). Catches what library threads print."""
+  try:
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+  except OSError:
+    yield
+    return
+  sys.stderr.flush()
+  saved, saved_stream = os.dup(2), sys.stderr
+  os.dup2(log, 2)
+  sys.stderr = _Quiet(os.fdopen(os.dup(log), "w"))  # what Python prints, threads included
+  try:
+    yield
+  finally:
+    sys.stderr.close()
+    sys.stderr = saved_stream
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(log)
+
+
+class _Quiet:
+  """A text stream whose writes never raise (the log may sit on the disk that is full)."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> int:
+    try:
+      return self.stream.write(text)
+    except (OSError, ValueError):
+      return len(text)
+
+  def flush(self) -> None:
+    try:
+      self.stream.flush()
+    except (OSError, ValueError):
+      pass
+
+  def close(self) -> None:
+    try:
+      self.stream.close()
+    except (OSError, ValueError):
+      pass
+
+  def __getattr__(self, name):
+    return getattr(self.stream, name)

@@ -54,7 +54,15 @@ def _data_fields(c: ml_collections.ConfigDict) -> None:
 def _model_fields(c: ml_collections.ConfigDict) -> None:
   """Model."""
   c.model = "bench_cnn"              # bench_cnn | resnet16 | vgg | tiny_cnn | mlp
-  c.model_overrides = ml_collections.ConfigDict()  # e.g. cut_stage for resnet16
+  c.model_overrides = ml_collections.ConfigDict()  # None: the model's default
+  o = c.model_overrides  # each model takes some of these (`--config.model_overrides.cut=1`)
+  o.cut_stage = config_dict.placeholder(int)       # resnet16: stages on the client (1-3)
+  o.cut = config_dict.placeholder(int)             # vgg: conv blocks on the client
+  o.widths = config_dict.placeholder(tuple)        # vgg: channels per block
+  o.hidden = config_dict.placeholder(int)          # vgg, mlp: hidden units of the dense layer
+  o.batch_norm = config_dict.placeholder(bool)     # vgg: BatchNorm after each conv
+  o.width = config_dict.placeholder(int)           # tiny_cnn: channels of its conv
+  o.decoder_hidden = config_dict.placeholder(int)  # conv models: the Loc decoder's channels
 
 
 def _component_fields(c: ml_collections.ConfigDict) -> None:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
@@ -142,19 +145,75 @@ FUZZ_FIELDS = {
     "fedavg": st.sampled_from([None, True, False]),
     "smashmix": st.sampled_from([None, True, False]),
     "local_loss_kind": st.sampled_from(["bce", "mse", "l1"]),
+    "gradmix": st.sampled_from([None, True, False]),
+    "local_ce_weight": st.one_of(st.none(), st.floats(-1.0, 2.0)),
+    "seed": st.one_of(st.integers(-3, 5), st.just(2**31), st.just(2**40)),
+    "partition_seed": st.one_of(st.none(), st.integers(-2, 3)),
+    "num_seeds": st.integers(-1, 2),
+    "steps_per_dispatch": st.integers(-1, 3),
+    "eval_chunk": st.one_of(st.integers(-1, 300), st.just(10**7)),
+    "eval_clients": st.integers(-1, 4),
+    "client_schedule": st.sampled_from(["constant", "cosine", "warmup_cosine", "step", "exp"]),
+    "weight_decay": st.floats(-0.1, 0.1),
+    "grad_clip_norm": st.one_of(st.none(), st.floats(-1.0, 2.0)),
+    "data_dir": st.sampled_from(["<synthetic>", "/nonexistent/lfmjax"]),
+    "input.resize_to": st.one_of(st.none(), st.integers(-1, 40), st.just(10**5)),
+    "input.channels": st.one_of(st.none(), st.integers(-1, 4), st.just(99)),
+    "input.normalize": st.sampled_from(["none", "pm1", "standard", "zscore"]),
+    "input.mean": st.one_of(st.none(), st.lists(st.floats(0, 1), min_size=0, max_size=4)
+                            .map(tuple)),
+    "input.std": st.one_of(st.none(), st.lists(st.floats(-0.5, 1), min_size=0, max_size=4)
+                           .map(tuple)),
+    "model_overrides.width": st.one_of(st.none(), st.integers(-1, 6), st.just(10**6)),
+    "model_overrides.hidden": st.one_of(st.none(), st.integers(-1, 6)),
+    "model_overrides.decoder_hidden": st.one_of(st.none(), st.integers(-1, 6)),
+    "model_overrides.cut_stage": st.one_of(st.none(), st.integers(0, 4)),
+    "workdir": st.sampled_from([None, "fresh", "a file", "checkpoints without config",
+                                "config.json null", "config.json list"]),
 }
 
 
-@settings(max_examples=25, deadline=None,
+def make_workdir(state: str | None, root) -> str | None:
+  """A workdir in one of the states a careless user leaves one in."""
+  if state is None:
+    return None
+  path = root / state.replace(" ", "_")
+  if state == "a file":
+    path.write_text("x")
+  elif state == "checkpoints without config":
+    (path / "checkpoints" / "2").mkdir(parents=True)
+  elif state.startswith("config.json"):
+    path.mkdir()
+    (path / "config.json").write_text(state.split()[-1].replace("list", "[1]"))
+  return str(path)
+
+
+def set_field(config, dotted: str, value) -> None:
+  *parents, name = dotted.split(".")
+  for part in parents:
+    config = config[part]
+  config[name] = value
+
+
+# LFMJAX_FUZZ_EXAMPLES=500 for a longer hunt than the suite's.
+@settings(max_examples=int(os.environ.get("LFMJAX_FUZZ_EXAMPLES", 25)), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.fixed_dictionaries({}, optional=FUZZ_FIELDS))
 def test_fuzzed_configs_run_or_stop_with_a_validation_error(synthetic_fmnist, capsys,
                                                              overrides):
+  """Every field of base_config() (input.*, model overrides, seeds and sizes included) and
+  the workdir's states: exit 0, one `error:` line with status 2, or status 1 for a
+  non-finite loss, never a traceback."""
   config = tiny_config(synthetic_fmnist, num_iterations=1, eval_every=1,
                        steps_per_dispatch=1, checkpoint_every=0, eval_chunk=100)
+  overrides = dict(overrides)
+  workdir = make_workdir(overrides.pop("workdir", None),
+                         Path(tempfile.mkdtemp(prefix="lfmjax-fuzz-")))
+  if overrides.get("data_dir") == "<synthetic>":
+    overrides["data_dir"] = str(synthetic_fmnist)
   for field, value in overrides.items():
-    config[field] = value
-  status = run_config(config, None)  # any other exception fails the test: a traceback
+    set_field(config, field, value)
+  status = run_config(config, workdir)  # any other exception fails the test: a traceback
   err = capsys.readouterr().err.strip().splitlines()
   event(f"exit status {status}")
   if status == 0:
@@ -162,4 +221,5 @@ def test_fuzzed_configs_run_or_stop_with_a_validation_error(synthetic_fmnist, ca
   if status == 1:  # a learning rate so large that the loss is not finite
     assert len(err) == 1 and err[0].startswith("error: iteration 1: loss_"), err
     return
-  assert status == 2 and len(err) == 1 and err[0].startswith("error: config."), err
+  assert status == 2 and len(err) == 1, err
+  assert err[0].startswith(("error: config.", "error: --workdir=")), err

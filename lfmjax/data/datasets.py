@@ -214,6 +214,8 @@ def _find_idx_files(place: Path) -> tuple[dict[str, Path], list[str]]:
 
 
 def _read_fashion_mnist(files: dict[str, Path], place: Path, verify: bool) -> Dataset:
+  for path in files.values():  # header and size first: nothing large is read blindly
+    _check_idx_header(path)
   arrays = {stem: _parse_idx(_read_maybe_gz(path, FASHION_MNIST_SHA256[stem] if verify
                                             else None), path)
             for stem, path in files.items()}
@@ -262,6 +264,38 @@ def _read_maybe_gz(path: Path, sha256: str | None, gz: bool | None = None) -> by
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
                0x0E: ">f8"}
+
+
+MAX_IDX_BYTES = 1 << 30  # an idx file larger than this is not a dataset lfmjax reads
+
+
+def _check_idx_header(path: Path) -> None:
+  """Reads an idx file's header alone (through gzip for *.gz) and checks its magic
+  number and that its dimensions give a plausible size, and for an uncompressed file
+  the size on disk, before the whole file is read."""
+  def corrupt(why: str) -> DatasetError:
+    return DatasetError(f"{path} is not a valid idx file ({why}); replace it with the "
+                        f"original")
+  try:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+      magic = f.read(4)
+      if len(magic) < 4 or magic[0] or magic[1] or magic[2] not in _IDX_DTYPES:
+        raise corrupt(f"bad magic number {magic.hex() or 'none'}")
+      dims_raw = f.read(4 * magic[3])
+  except (OSError, EOFError, zlib.error) as exc:
+    raise DatasetError(f"{path} is unreadable or corrupt ({type(exc).__name__}: {exc}); "
+                       f"delete it and put a fresh copy of the original there") from None
+  if len(dims_raw) < 4 * magic[3]:
+    raise corrupt("truncated header")
+  dims = tuple(np.frombuffer(dims_raw, ">u4").astype(np.int64).tolist())
+  header = 4 + len(dims_raw)
+  data = int(np.prod(dims, dtype=np.int64)) * np.dtype(_IDX_DTYPES[magic[2]]).itemsize
+  if header + data > MAX_IDX_BYTES:
+    raise corrupt(f"its header gives dims {dims}, {header + data} bytes")
+  if path.suffix != ".gz" and path.stat().st_size - header != data:
+    raise corrupt(f"{path.stat().st_size - header} data bytes for dims {dims}, expected "
+                  f"{data}")
 
 
 def _parse_idx(raw: bytes, where) -> np.ndarray:

@@ -35,6 +35,7 @@ _REGISTRY: dict[str, tuple[Callable[..., SplitModel], dict[str, Any]]] = {
     "mlp": (small.build_mlp, small.MLP_DEFAULTS),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+MAX_WIDTH = 4096  # an int override (channels, units, a cut) at most: they size memory
 
 
 def _check_value(name: str, field: str, default: Any, value: Any) -> Any:
@@ -45,13 +46,16 @@ def _check_value(name: str, field: str, default: Any, value: Any) -> Any:
     if not isinstance(value, bool):
       raise bad("a bool")
     return value
+  def size(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and 1 <= v <= MAX_WIDTH
   if isinstance(default, int):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise bad("a positive int")
+    if not size(value):
+      raise bad(f"an int in [1, {MAX_WIDTH}]")
     return value
   if isinstance(default, tuple):
-    if not isinstance(value, (tuple, list)):  # ConfigDicts may hand over lists
-      raise bad("a tuple")
+    # ConfigDicts may hand over lists
+    if not isinstance(value, (tuple, list)) or not value or not all(map(size, value)):
+      raise bad(f"a non-empty tuple of ints in [1, {MAX_WIDTH}]")
     return tuple(value)
   return value
 

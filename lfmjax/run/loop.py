@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lfmjax import accounting, algorithms
-from lfmjax.checkpoint import Checkpoints, check_workdir, partition_fingerprint
+from lfmjax.checkpoint import (CheckpointError, Checkpoints, check_workdir, checkpoint_steps,
+                               partition_fingerprint)
 from lfmjax.data import client_table, load_dataset, make_partition
 from lfmjax.evaluate import eval_client_ids, make_evaluate, pad_to_chunks
 from lfmjax.mesh import (Placement, jit_sharded, make_mesh, make_placement, pad_data,
@@ -29,8 +30,9 @@ from lfmjax.mesh import (Placement, jit_sharded, make_mesh, make_placement, pad_
 from lfmjax.models import get_model
 from lfmjax.models.patch_conv import compiler_options
 from lfmjax.round import make_multi_step, make_round_step
+from lfmjax.run.lock import WorkdirLock, check_writable
 from lfmjax.run.progress import Progress
-from lfmjax.run.validate import ConfigError, model_input_shape, validate
+from lfmjax.run.validate import ConfigError, model_input_shape, model_overrides, validate
 from lfmjax.run.workdir import (MetricsWriter, evaluation_record, resume, window_to_json,
                                 write_atomically)
 from lfmjax.state import RoundState, init_state, make_data
@@ -179,7 +181,7 @@ def build_model(config, dataset):
   input_shape = model_input_shape(config, dataset.train_x.shape[1:])
   try:
     return get_model(config.model, num_classes=dataset.num_classes,
-                     input_shape=input_shape, **config.model_overrides.to_dict())
+                     input_shape=input_shape, **model_overrides(config))
   except ValueError as e:
     raise ConfigError(f"config.model={config.model!r} / config.model_overrides: {e}") from None
 
@@ -242,8 +244,13 @@ def open_workdir(config, workdir, resuming: bool, lead: bool, prep: Prepared,
   writer = MetricsWriter(workdir if lead else None, config.algorithm)
   state, step, train_window, wall_before = prep.run.state, 0, [], 0.0
   if resuming:
-    state, step, train_window = resume(checkpoints, state, prep.fingerprint, writer,
-                                       config.eval_every)
+    try:
+      state, step, train_window = resume(checkpoints, state, prep.fingerprint, writer,
+                                         config.eval_every)
+    except BaseException:  # orbax's threads stopped before the error leaves
+      if checkpoints is not None:
+        checkpoints.close()
+      raise
     # wall_s counts on from the kept evaluations, so a resumed run's is its total.
     wall_before = writer.evals[-1].get("wall_s", 0.0) if writer.evals else 0.0
     log(f"resuming {workdir} from iteration {step}" if step else
@@ -355,24 +362,52 @@ class RunResult:
 
 
 def train(config, workdir: str | None = None, *, quiet: bool = False) -> RunResult:
-  """Runs the configured simulation and returns its trained state and history."""
+  """Runs the configured simulation and returns its trained state and history.
+
+  The workdir is checked writable and locked (`run.lock`) before anything is loaded:
+  one run at a time per workdir, for the run's life.
+  """
   validate(config)
+  lead = jax.process_index() == 0  # only process 0 logs, writes files and locks
+  lock = None
+  if workdir and lead:
+    check_writable(workdir)
+    lock = WorkdirLock(workdir)
+  try:
+    return _train(config, workdir, quiet=quiet or not lead, lead=lead)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def check_not_past(config, workdir: str) -> None:
+  """Refuses to resume a run that is already past `num_iterations`."""
+  steps = checkpoint_steps(workdir)
+  if steps and steps[-1] > config.num_iterations:
+    raise CheckpointError(f"--workdir={workdir} holds this run at iteration {steps[-1]}, past "
+                          f"num_iterations={config.num_iterations}: raise num_iterations to "
+                          f"continue it, or use a new --workdir")
+
+
+def _train(config, workdir, *, quiet: bool, lead: bool) -> RunResult:
   t_start = time.perf_counter()
   resuming = bool(workdir) and check_workdir(workdir, config.to_json())
-  lead = jax.process_index() == 0  # only process 0 logs and writes files
-  quiet = quiet or not lead
+  if resuming:
+    check_not_past(config, workdir)
   log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
   prep = prepare(config, log)
   wd = open_workdir(config, workdir, resuming, lead, prep, log)
-  progress = Progress(config.num_iterations, wd.step, stream=sys.stderr if not quiet
-                      else open(os.devnull, "w"))
-  t_train = time.perf_counter()
-  state, step, compile_s = run_loop(config, prep, wd, progress, t_start, log)
-  last_acc = wd.writer.evals[-1]["test_accuracy"] if wd.writer.evals else None
-  progress.update(step, last_acc, force=True)
-  progress.close()
-  if wd.checkpoints is not None:
-    wd.checkpoints.close()
+  try:
+    progress = Progress(config.num_iterations, wd.step, stream=sys.stderr if not quiet
+                        else open(os.devnull, "w"))
+    t_train = time.perf_counter()
+    state, step, compile_s = run_loop(config, prep, wd, progress, t_start, log)
+    last_acc = wd.writer.evals[-1]["test_accuracy"] if wd.writer.evals else None
+    progress.update(step, last_acc, force=True)
+    progress.close()
+  finally:  # also on errors: orbax's threads stopped before the interpreter exits
+    if wd.checkpoints is not None:
+      wd.checkpoints.close()
   train_s = time.perf_counter() - t_train
   wd.writer.finish()
   summary = summarize(config, prep, wd, step, train_s, compile_s, t_start)

@@ -3,13 +3,14 @@ the fix for every value that cannot work (the CLI exits 2 on a ConfigError)."""
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 
 from lfmjax import algorithms
 from lfmjax.data import PARTITIONS
 from lfmjax.data.datasets import canonical_name
-from lfmjax.models import MODEL_NAMES
+from lfmjax.models import MODEL_NAMES, get_model
 from lfmjax.optim import OPTIMIZERS, SCHEDULES
 
 
@@ -22,7 +23,7 @@ def validate(config) -> None:
   reads here, then everything the round reads by building its RoundConfig (`spec`)."""
   def need(ok: bool, field: str, fix: str):
     if not ok:
-      raise ConfigError(f"config.{field}={config.get(field)!r}: {fix}")
+      raise ConfigError(f"config.{field}={field_value(config, field)!r}: {fix}")
   need(config.algorithm in algorithms.ALGORITHMS, "algorithm",
        f"use one of {', '.join(sorted(algorithms.ALGORITHMS))}")
   need(config.model in MODEL_NAMES, "model", f"use one of {', '.join(MODEL_NAMES)}")
@@ -32,20 +33,97 @@ def validate(config) -> None:
   need(positive(config.dirichlet_alpha), "dirichlet_alpha", "Dirichlet needs alpha > 0")
   need(config.classes_per_client >= 1, "classes_per_client", "must be at least 1")
   need(config.samples_per_client >= 1, "samples_per_client", "must be at least 1")
-  need(config.num_iterations >= 0, "num_iterations", "must be non-negative")
-  need(config.steps_per_dispatch >= 1, "steps_per_dispatch", "must be at least 1")
-  need(config.eval_every >= 1, "eval_every", "must be at least 1")
-  need(config.eval_clients >= 0, "eval_clients", "must be >= 0 (0: all clients)")
-  need(config.eval_chunk >= 1, "eval_chunk", "must be at least 1")
-  need(config.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: no checkpoints)")
-  need(config.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
-  need(config.num_seeds >= 1, "num_seeds", "must be at least 1")
+  need(1 <= config.num_seeds <= MAX_SEEDS, "num_seeds", f"must be in [1, {MAX_SEEDS}]")
+  need(0 <= config.seed <= MAX_SEED + 1 - config.num_seeds, "seed",
+       f"seeds seed..seed+num_seeds-1 must lie in [0, {MAX_SEED}]")
+  need(config.partition_seed is None or 0 <= config.partition_seed <= MAX_SEED,
+       "partition_seed", f"must lie in [0, {MAX_SEED}] (or leave it unset: seed)")
+  need(config.data_dir is None or os.path.isdir(os.path.expanduser(config.data_dir)),
+       "data_dir", "no such directory; name the directory that holds the dataset, or "
+       "leave it unset to search the usual places")
+  check_sizes(need, config)
+  check_distributed(need, config)
   need(0 <= config.num_devices <= jax.device_count(), "num_devices",
        f"this run has {jax.device_count()} device(s); use 0 (all) or fewer")
   for field in ("client_flops_per_s", "server_flops_per_s", "uplink_bytes_per_s",
                 "downlink_bytes_per_s"):
     need(positive(config.get(field)), field, "rates must be positive numbers")
   spec(config)
+  check_model(config)
+
+
+def field_value(config, dotted: str):
+  for part in dotted.split("."):
+    config = config.get(part)
+  return config
+
+
+# What the datasets hold as stored (H, W, C), for the checks before any loading.
+STORED_SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+
+
+def model_overrides(config) -> dict:
+  """The model overrides the config sets (None: the model's default)."""
+  return {k: v for k, v in config.model_overrides.to_dict().items() if v is not None}
+
+
+def check_model(config) -> None:
+  """The model with its overrides, and the input fields, against the dataset's stored
+  shape (one line naming the field, before anything is loaded)."""
+  shape = model_input_shape(config, STORED_SHAPES[canonical_name(config.dataset)])
+  stored_channels = STORED_SHAPES[canonical_name(config.dataset)][2]
+  for field in ("mean", "std"):
+    values = config.input.get(field)
+    if values is not None and len(values) not in (1, shape[2]):
+      raise ConfigError(f"config.input.{field}={values!r}: give one value per channel "
+                        f"({shape[2]}) or one for all")
+  if config.input.channels is not None and stored_channels not in (1, shape[2]):
+    raise ConfigError(f"config.input.channels={config.input.channels}: the stored images "
+                      f"have {stored_channels} channels; only grey images are repeated")
+  try:
+    get_model(config.model, num_classes=10, input_shape=shape, **model_overrides(config))
+  except ValueError as e:
+    raise ConfigError(f"config.model={config.model!r} / config.model_overrides: {e}") from None
+
+
+MAX_SEED = 2**31 - 1      # what jax.random.PRNGKey takes as an int32
+MAX_SEEDS = 1024          # seed replicas: each is a whole state in memory
+MAX_STEPS = 2**31 - 1     # the step counter is int32
+MAX_CHUNK = 100_000       # steps a dispatch stacks metrics for; test samples a batch
+MAX_MIXED = 64            # SmashMix batches per client (n_s C B samples at the server)
+MAX_CLASSES_PER_CLIENT = 10
+
+
+def check_sizes(need, config) -> None:
+  """The fields that count things or size memory, each bounded."""
+  need(0 <= config.num_iterations <= MAX_STEPS, "num_iterations", f"must be in [0, {MAX_STEPS}]")
+  need(1 <= config.steps_per_dispatch <= MAX_CHUNK, "steps_per_dispatch",
+       f"must be in [1, {MAX_CHUNK}]")
+  need(1 <= config.eval_every <= MAX_STEPS, "eval_every", f"must be in [1, {MAX_STEPS}]")
+  need(config.eval_clients >= 0, "eval_clients", "must be >= 0 (0: all clients)")
+  need(1 <= config.eval_chunk <= MAX_CHUNK, "eval_chunk", f"must be in [1, {MAX_CHUNK}]")
+  need(0 <= config.checkpoint_every <= MAX_STEPS, "checkpoint_every",
+       "must be >= 0 (0: no checkpoints)")
+  need(1 <= config.keep_checkpoints <= 1000, "keep_checkpoints", "must be in [1, 1000]")
+  need(config.num_clients >= 1, "num_clients", "must be at least 1")
+  need(config.batch_size >= 1, "batch_size", "must be at least 1")
+  need(config.num_mixed <= MAX_MIXED, "num_mixed", f"n_s must be at most {MAX_MIXED}")
+  need(1 <= config.classes_per_client <= MAX_CLASSES_PER_CLIENT, "classes_per_client",
+       f"must be in [1, {MAX_CLASSES_PER_CLIENT}] (the datasets have 10 classes)")
+  need(config.samples_per_client >= 1, "samples_per_client", "must be at least 1")
+
+
+def check_distributed(need, config) -> None:
+  dist = config.distributed
+  address = dist.coordinator_address
+  need(address is None or (address.rpartition(":")[0] and address.rpartition(":")[2].isdigit()),
+       "distributed.coordinator_address", "use host:port (or leave it unset)")
+  need(dist.num_processes is None or dist.num_processes >= 1, "distributed.num_processes",
+       "must be at least 1 (or leave it unset)")
+  need(dist.process_id is None or 0 <= dist.process_id < (dist.num_processes or 2**31),
+       "distributed.process_id", "must be in [0, num_processes)")
+  need(dist.local_device_count is None or 1 <= dist.local_device_count <= 1024,
+       "distributed.local_device_count", "must be in [1, 1024] (or leave it unset)")
 
 
 def check_optimisation(need, config) -> None:
