@@ -167,10 +167,12 @@ def test_short_real_run_learns_fashion_mnist(tmp_path):
 
 
 @needs_fmnist
-@pytest.mark.parametrize("algorithm", ["sl", "psl", "sfl_v1", "sfl_v2", "locsplitfed",
-                                       "locfedmix", "sglr", "mix2sfl"])
-def test_every_algorithm_learns_fashion_mnist(algorithm, tmp_path):
-  """The same short run (split MLP, 4 clients, 60 iterations) beats chance widely."""
+@pytest.mark.parametrize("algorithm", ["sl", "sfl_v2", "locsplitfed", "sglr"])
+def test_other_algorithms_learn_fashion_mnist(algorithm, tmp_path):
+  """The same short run (split MLP, 4 clients, 60 iterations) beats chance widely, for
+  the algorithms whose structure differs most from LocFedMix-SL's (learned above) and
+  no other test trains on real data (each algorithm equals a plain loop in
+  test_round.py)."""
   summary = real_run(tmp_path, algorithm=algorithm, model="mlp", num_clients=4,
                      batch_size=16, num_iterations=60, steps_per_dispatch=20)
   assert summary["final_test_accuracy"] > 0.55  # chance is 0.10

@@ -57,8 +57,8 @@ CASES = [
     (dict(fedavg_every=0), ["config.fedavg_every=0", "T_c"]),
     (dict(local_loss_weight=-1.0), ["config.local_loss_weight=-1.0", ">= 0"]),
     (dict(num_mixed=0), ["config.num_mixed=0", "n_s"]),
-    (dict(keep_checkpoints=0), ["config.keep_checkpoints=0", "at least 1"]),
-    (dict(num_seeds=0), ["config.num_seeds=0", "at least 1"]),
+    (dict(keep_checkpoints=0), ["config.keep_checkpoints=0", "[1, 1000]"]),
+    (dict(num_seeds=0), ["config.num_seeds=0", "[1, 1024]"]),
     (dict(num_devices=99), ["config.num_devices=99", "device(s)", "0 (all)"]),
 ]
 

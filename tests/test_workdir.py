@@ -171,12 +171,25 @@ def test_config_argument_errors_are_one_line():
   assert missing.returncode == 2 and "configs/nowhere.py" in one_error_line(missing.stderr)
 
 
-def test_nested_model_override_in_dotted_form_runs(synthetic_fmnist, tmp_path):
-  result = run_cli("--config=configs/fmnist.py", f"--config.data_dir={synthetic_fmnist}",
-                   *TINY, "--config.model=vgg", "--config.model_overrides.cut=1",
-                   "--config.model_overrides.widths=(4,8)", "--config.model_overrides.hidden=8",
-                   "--config.num_iterations=1", "--config.eval_every=1")
+PARSE_ONLY = """
+import sys
+from absl import flags
+from lfmjax import main
+from lfmjax.run.validate import model_overrides, validate
+main.parse_flags(sys.argv)
+validate(main._CONFIG.value)
+print(sorted(model_overrides(main._CONFIG.value).items()))
+"""
+
+
+def test_nested_model_override_in_dotted_form_is_taken():
+  result = subprocess.run([sys.executable, "-c", PARSE_ONLY, "--config=configs/fmnist.py",
+                           "--config.model=vgg", "--config.model_overrides.cut=1",
+                           "--config.model_overrides.widths=(4,8)",
+                           "--config.model_overrides.hidden=8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "[('cut', 1), ('hidden', 8), ('widths', (4, 8))]"
 
 
 @pytest.mark.parametrize("delay", [0.3, 2.0])
