@@ -302,7 +302,10 @@ def test_round_equals_plain_per_client_loop(name):
 # first conv + pool, the factored decoder, pooling before bias and ReLU, and SmashMix formed
 # after the upper's affine stem.
 BENCH = lfmjax.get_model("bench_cnn", num_classes=N_CLS, input_shape=(H, H, 1))
-BENCH_ALGOS = ["locfedmix", "psl", "mix2sfl", "sfl_v1", "sfl_v2", "locsplitfed", "sl"]
+# One per way the clients or the server compute (the other algorithms' rounds equal the
+# plain loop on the small model above): the averaged phase with SmashMix after the stem,
+# the per-client phase, per-client server copies, and the relay.
+BENCH_ALGOS = ["locfedmix", "psl", "sfl_v1", "sl"]
 
 
 def assert_bench_round_matches_reference(cfg):
