@@ -28,7 +28,7 @@ demo: venv fmnist
 	$(PY) -m lfmjax.main --config=configs/fmnist.py --workdir=$(WORKDIR)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 # The round on the paths users run against the PyTorch peer (BUILD.md: Speed; about 21 min).
 bench: venv
