@@ -80,7 +80,8 @@ def test_cli_runs_a_few_iterations_and_writes_results(synthetic_fmnist, tmp_path
   assert config["num_clients"] == 3 and config["model"] == "tiny_cnn"
   assert (workdir / "eval.csv").read_text().startswith("iteration,epoch,test_accuracy")
   assert (workdir / "accuracy.png").stat().st_size > 0
-  assert "it/s" in result.stderr and "ETA" in result.stderr
+  # tqdm writes a rate below 1 it/s as s/it (a loaded machine)
+  assert ("it/s" in result.stderr or "s/it" in result.stderr) and "ETA" in result.stderr
   assert "test acc" in result.stdout and "done: 6 iterations" in result.stdout
 
 
