@@ -46,6 +46,31 @@ def _setting(algorithm: str, dataset: str, model: str, clients: int, batch: int,
   return c
 
 
+def sglr_resnet16(algorithm: str, clients: int, iterations: int, seeds: int):
+  """SGLR's setting as its authors ran it (issue 16): `sglr_fmnist` with 10,000 train
+  images held out for validation and the rates dropped x0.1 at 80 % of the run; the
+  `sglr` preset is SGLR's (SplitLr alpha_lr = 0.5, SplitAvg phi = 0.5) and `sl` hands
+  the lower on after each client's local epoch."""
+  c = sglr_fmnist(algorithm, clients, iterations, seeds)
+  c.validation_size = 10_000
+  c.client_schedule = "step"
+  c.decay_fractions = (0.8,)
+  c.decay_factor = 0.1
+  return c
+
+
+def cifar_vgg(algorithm: str, clients: int, iterations: int, seeds: int,
+              partition: str = "iid", alpha: float = 0.3):
+  """CIFAR-10 with the VGG-style model at full width (issue 16): `cifar` with 5,000
+  train images held out for validation and the rates dropped x0.1 at 80 % of the run."""
+  c = cifar(algorithm, clients, iterations, seeds, partition, alpha)
+  c.validation_size = 5_000
+  c.client_schedule = "step"
+  c.decay_fractions = (0.8,)
+  c.decay_factor = 0.1
+  return c
+
+
 def fmnist_mlp(algorithm: str, clients: int, iterations: int, seeds: int):
   """SGLR's data and optimiser (1,000 IID Fashion-MNIST samples per client, Adam 1e-3,
   batch 8) with the `mlp` split model on the 28x28 images in [-1, 1]: about 15x
@@ -92,6 +117,9 @@ def cifar_small(algorithm: str, clients: int, iterations: int, seeds: int,
 
 SETTINGS = {
     "fmnist_sglr": sglr_fmnist,
+    "sglr_resnet16": sglr_resnet16,
+    "cifar_vgg_iid": lambda a, c, it, s: cifar_vgg(a, c, it, s, "iid"),
+    "cifar_vgg_dir03": lambda a, c, it, s: cifar_vgg(a, c, it, s, "dirichlet", 0.3),
     "fmnist_mlp": fmnist_mlp,
     "cifar_iid": lambda a, c, it, s: cifar(a, c, it, s, "iid"),
     "cifar_dir03": lambda a, c, it, s: cifar(a, c, it, s, "dirichlet", 0.3),
@@ -137,10 +165,29 @@ def make_config(args, algorithm: str, clients: int, iterations: int):
   config.data_dir = args.data_dir
   config.num_devices = args.devices
   config.eval_every = args.eval_every or default_eval
+  if algorithm == "sl":  # an SL iteration is a local epoch of every client: same epochs
+    config.num_iterations = in_epochs(config, iterations)
+    config.eval_every = in_epochs(config, config.eval_every)
   config.checkpoint_every = config.eval_every
   if args.eval_clients:
     config.eval_clients = args.eval_clients
   return config
+
+
+TRAIN_SIZES = {"fashion_mnist": 60_000, "cifar10": 50_000}
+
+
+def mean_client_size(config) -> float:
+  """|D_k| on average, from the setting (the partition itself is made by the run)."""
+  if config.partition == "fixed":
+    return float(config.samples_per_client)
+  return (TRAIN_SIZES[config.dataset] - config.validation_size) / config.num_clients
+
+
+def in_epochs(config, iterations: int) -> int:
+  """Parallel iterations as vanilla SL's iterations (one local epoch of every client
+  each, `sl_turn_steps` unset): the same number of samples per client, at least 1."""
+  return max(1, round(iterations * config.batch_size / mean_client_size(config)))
 
 
 def evaluations(workdir: str) -> list[dict]:
@@ -218,7 +265,9 @@ def run_all(experiment: str, runs: list[Run], out: str | None = None,
            "test_accuracy": round(100 * summary["final_test_accuracy"], 2),
            "test_accuracy_std": round(100 * (summary.get("final_test_accuracy_std") or 0.0), 2),
            "test_accuracy_seeds": " ".join(f"{100 * a:.2f}" for a in seeds),
+           **best_validation_columns(summary),
            "iterations": summary["iterations"],
+           "epochs": evaluations(workdir)[-1]["epoch"] if summary["iterations"] else 0.0,
            "latency_s": round(summary["latency_s"], 2),
            "wall_s": round(wall_seconds(evaluations(workdir)) or time.perf_counter() - t0, 1),
            "workdir": os.path.relpath(workdir, root)}
@@ -226,6 +275,28 @@ def run_all(experiment: str, runs: list[Run], out: str | None = None,
     print(f"[{experiment} {i + 1}/{len(runs)} {run.name}] {row}", flush=True)
     write_csv(os.path.join(root, f"{csv_name or experiment}.csv"), [*keep, *rows])
   return rows
+
+
+def rows_not_run(csv_path: str, runs: list[Run], keys=("algorithm", "clients")) -> list[dict]:
+  """The rows of an experiment's CSV whose labels no run of this invocation has, so an
+  invocation for some C values (or algorithms) updates their rows and keeps the others."""
+  if not os.path.exists(csv_path):
+    return []
+  mine = {tuple(str(run.labels[k]) for k in keys) for run in runs}
+  return [row for row in read_csv(csv_path) if tuple(row[k] for k in keys) not in mine]
+
+
+def best_validation_columns(summary: dict) -> dict:
+  """The test accuracy at each seed's best validation evaluation, where the setting
+  holds a validation split out (mean, std, each seed's), in percent."""
+  if "test_accuracy_at_best_val" not in summary:
+    return {}
+  seeds = (summary.get("test_accuracy_at_best_val_seeds")
+           or [summary["test_accuracy_at_best_val"]])
+  return {"test_at_best_val": round(100 * summary["test_accuracy_at_best_val"], 2),
+          "test_at_best_val_std": round(
+              100 * (summary.get("test_accuracy_at_best_val_std") or 0.0), 2),
+          "test_at_best_val_seeds": " ".join(f"{100 * a:.2f}" for a in seeds)}
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

@@ -1,4 +1,4 @@
-"""Claim 2, convergence: test accuracy against iterations and against simulated time.
+"""Claim 2, convergence: test accuracy against epochs and against simulated time.
 
     python experiments/convergence.py                 # C = 50, every algorithm (hours)
     python experiments/convergence.py --quick         # minutes
@@ -6,9 +6,10 @@
 For every algorithm at C clients (default 50) one run with `--seeds` seeds in one
 program, evaluated every `--eval_every` iterations. Writes
 `results/convergence_<setting>/convergence_<setting>.csv` (one row per algorithm and
-evaluation: iteration, simulated latency, accuracy mean and std) and two plots:
-accuracy against iterations and against simulated latency (lfmjax's latency model,
-SPEC.md). `latency.py` reads these curves for the time to reach a target accuracy.
+evaluation: iteration, epoch, simulated latency, accuracy mean and std) and three
+plots: accuracy against iterations, against epochs (samples seen per client, the axis on
+which vanilla SL, whose iteration is a local epoch, compares) and against simulated
+latency (lfmjax's latency model, SPEC.md). `latency.py` reads these curves for the time to reach a target accuracy.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def curves(root: str, rows: list[dict]) -> list[dict]:
   for row in rows:
     for e in common.evaluations(os.path.join(root, row["workdir"])):
       out.append({"algorithm": row["algorithm"], "clients": row["clients"],
-                  "iteration": e["iteration"], "latency_s": round(e["latency_s"], 3),
+                  "iteration": e["iteration"], "epoch": e["epoch"],
+                  "latency_s": round(e["latency_s"], 3),
                   "test_accuracy": round(100 * e["test_accuracy"], 2),
                   "test_accuracy_std": round(100 * e.get("test_accuracy_std", 0.0), 2)})
   return out
@@ -52,7 +54,9 @@ def main(argv=None):
                          extend_from=args.extend_from)
   table = curves(root, rows)
   common.write_csv(os.path.join(root, f"{name}.csv"), table)
+  # SL's iteration is a local epoch of every client: compare by epoch and simulated time.
   for x, label, suffix in (("iteration", "iteration", "iterations"),
+                           ("epoch", "epoch (samples seen per client / |D_k|)", "epochs"),
                            ("latency_s", "simulated latency (s)", "latency")):
     series = {}
     for algorithm in dict.fromkeys(r["algorithm"] for r in table):

@@ -18,11 +18,13 @@ import os
 import common
 
 
-def time_to_target(workdir: str, target: float) -> tuple[int | None, float | None]:
+def time_to_target(workdir: str, target: float
+                   ) -> tuple[int | None, float | None, float | None]:
+  """(iteration, simulated seconds, epoch) of the first evaluation at the target."""
   for e in common.evaluations(workdir):
     if 100 * e["test_accuracy"] >= target:
-      return e["iteration"], e["latency_s"]
-  return None, None
+      return e["iteration"], e["latency_s"], e.get("epoch")
+  return None, None, None
 
 
 def main(argv=None):
@@ -36,13 +38,14 @@ def main(argv=None):
                      f"convergence_{args.setting}{suffix}"):
     for run, workdir in common.listed_runs(base, experiment):
       algorithm, clients = run["algorithm"], run["clients"]
-      iteration, latency = time_to_target(workdir, args.target)
+      iteration, latency, epoch = time_to_target(workdir, args.target)
       key = (algorithm, int(clients))
       if key not in rows or (latency is not None and (rows[key]["latency_s"] in ("", None)
                                                       or latency < rows[key]["latency_s"])):
         rows[key] = {"algorithm": algorithm, "clients": int(clients),
                      "target_accuracy": args.target,
                      "iteration": "" if iteration is None else iteration,
+                     "epoch": "" if epoch is None else epoch,
                      "latency_s": "" if latency is None else round(latency, 2)}
   table = sorted(rows.values(), key=lambda r: (r["algorithm"], r["clients"]))
   if not table:

@@ -55,8 +55,15 @@ def main(argv=None):
   p.add_argument("--algorithms", default=None, help="comma-separated (default: all eight)")
   args = p.parse_args(argv)
   name = f"scalability_{args.setting}" + ("_quick" if args.quick else "")
-  rows = common.run_all(name, make_runs(args), args.out,
-                         extend_from=args.extend_from)
+  runs = make_runs(args)
+  # An invocation for some C values (say, each with its own --eval_every) keeps the
+  # CSV's rows of the others.
+  kept = common.rows_not_run(os.path.join(args.out or common.RESULTS, name, f"{name}.csv"),
+                             runs)
+  rows = common.run_all(name, runs, args.out, extend_from=args.extend_from, keep=kept)
+  order = {a: i for i, a in enumerate(common.ALGORITHMS)}
+  rows = sorted(kept + rows, key=lambda r: (order.get(r["algorithm"], 99), int(r["clients"])))
+  common.write_csv(os.path.join(args.out or common.RESULTS, name, f"{name}.csv"), rows)
   plot(rows, os.path.join(args.out or common.RESULTS, name, f"{name}.png"), args.setting,
        args.seeds)
   return rows

@@ -7,14 +7,17 @@ Both are closed forms in the iteration count, fixed when the round is built:
   iteration: up B*S(L) (smashed data) + B label bytes; down B*S(L) (none when clients
   receive nothing, LocSplitFed); every T_c iterations up and down |w_c| (the averaged
   client segments: lower with its BatchNorm statistics, decoder where Loc is on, aux head
-  where it is trained). Vanilla SL hands the lower from client to client through the
-  server: up and down |w_lower| per client and iteration (with more than one client).
+  where it is trained). Vanilla SL's iteration is a turn per client of `sl_turn_steps`
+  mini-batches (one local epoch by default), each with its smashed data and gradient,
+  and the lower handed on through the server once per turn: up and down |w_lower| per
+  client and iteration (with more than one client).
 * **Simulated time**, from the FLOPs XLA's cost analysis counts in the compiled client
   and server functions, over configured client and server FLOP/s, plus transfers over
   configured up- and downlink rates. Parallel algorithms wait for the slowest client
   (all clients here do equal work), so an iteration is client + up + server + down;
-  vanilla SL adds the clients up; LocSplitFed's clients do not wait for the server, so
-  an iteration is the longer of (client + up) and the server.
+  vanilla SL adds up every mini-batch of every client's turn and every hand-on;
+  LocSplitFed's clients do not wait for the server, so an iteration is the longer of
+  (client + up) and the server.
 """
 from __future__ import annotations
 
@@ -43,12 +46,26 @@ class Rates:
 
 @dataclasses.dataclass(frozen=True)
 class CommLedger:
-  """Bytes per client: every iteration, and at every FedAvg (each direction)."""
+  """Bytes per client: every iteration, and at every FedAvg (each direction).
+
+  An iteration is `batches` mini-batches per client on average (1, but vanilla SL's
+  turns: one local epoch by default), each `batch_up` bytes up and `batch_down` down,
+  plus `handoff` bytes each way where vanilla SL hands the lower on (once per turn)."""
   num_clients: int
-  up_per_iteration: int
-  down_per_iteration: int
+  batch_up: int
+  batch_down: int
   sync_bytes: int          # |w_c|, up and again down, at each FedAvg
   sync_every: int          # T_c; 0 when nothing is averaged
+  batches: float = 1.0     # mini-batches per client and iteration (the mean over clients)
+  handoff: int = 0         # vanilla SL: the lower, each way, once per turn
+
+  @property
+  def up_per_iteration(self) -> float:
+    return _exact(self.batches * self.batch_up + self.handoff)
+
+  @property
+  def down_per_iteration(self) -> float:
+    return _exact(self.batches * self.batch_down + self.handoff)
 
   def syncs(self, steps: int) -> int:
     return steps // self.sync_every if self.sync_every else 0
@@ -57,8 +74,14 @@ class CommLedger:
     """Cumulative bytes after `steps` iterations, per client and over all clients."""
     up = steps * self.up_per_iteration + self.syncs(steps) * self.sync_bytes
     down = steps * self.down_per_iteration + self.syncs(steps) * self.sync_bytes
-    return {"bytes_up": self.num_clients * up, "bytes_down": self.num_clients * down,
-            "bytes_up_per_client": up, "bytes_down_per_client": down}
+    return {"bytes_up": int(round(self.num_clients * up)),
+            "bytes_down": int(round(self.num_clients * down)),
+            "bytes_up_per_client": int(round(up)), "bytes_down_per_client": int(round(down))}
+
+
+def _exact(value: float) -> float | int:
+  """An int where the value is whole (every client the same number of batches)."""
+  return int(value) if float(value).is_integer() else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +137,20 @@ def make_ledger(cfg: RoundConfig, model: SplitModel, state: RoundState,
   smashed = int(np.prod(s.shape)) * s.dtype.itemsize  # B * S(L)
   up = smashed + cfg.batch_size * LABEL_BYTES
   down = 0 if cfg.client_gradient == "none" else smashed
-  if cfg.server_mode == "relay" and cfg.num_clients > 1:
-    handoff = tree_bytes(one_client([state.clients.params["lower"],
-                                     state.clients.stats["lower"]]))
-    up, down = up + handoff, down + handoff
+  batches, handoff = 1.0, 0
+  if cfg.server_mode == "relay":
+    batches = float(np.mean(turn_steps(cfg, data)))
+    if cfg.num_clients > 1:
+      handoff = tree_bytes(one_client([state.clients.params["lower"],
+                                       state.clients.stats["lower"]]))
   sync_every = cfg.fedavg_every if cfg.fedavg else 0
   return CommLedger(cfg.num_clients, up, down, averaged_client_bytes(cfg, state) if
-                    sync_every else 0, sync_every)
+                    sync_every else 0, sync_every, batches, handoff)
+
+
+def turn_steps(cfg: RoundConfig, data: RoundData) -> np.ndarray:
+  """Vanilla SL: each client's mini-batches per turn (host)."""
+  return cfg.turn_steps(np.asarray(data.sizes_C), np.asarray(data.weights_C))
 
 
 def compiled_flops(fn, *args) -> float:
@@ -153,11 +183,13 @@ def count_flops(cfg: RoundConfig, model: SplitModel, state: RoundState, data: Ro
         lambda sv, s, y, w, k: phase(sv, s, y, w, k, jnp.zeros((), jnp.int32)),
         state.server, jax.ShapeDtypeStruct((c,) + s.shape, s.dtype),
         jax.ShapeDtypeStruct((c, cfg.batch_size), jnp.int32), data.weights_C, state.key)
-  else:  # a step per client, one after another or on per-client copies
+  else:  # a step per client (vanilla SL: per mini-batch of a turn), one after another
     step_one = round_lib.make_server_step_one(cfg, model)
     server_one = (one_client(state.server) if cfg.server_mode == "per_client"
                   else state.server)
-    server = cfg.num_clients * compiled_flops(step_one, server_one, s, y)
+    steps = (int(turn_steps(cfg, data).sum()) if cfg.server_mode == "relay"
+             else cfg.num_clients)
+    server = steps * compiled_flops(step_one, server_one, s, y)
   return client, server
 
 
@@ -166,10 +198,14 @@ def make_latency(cfg: RoundConfig, model: SplitModel, state: RoundState, data: R
   client_flops, server_flops = count_flops(cfg, model, state, data)
   client_s = client_flops / rates.client_flops_per_s
   server_s = server_flops / rates.server_flops_per_s
-  up_s = ledger.up_per_iteration / rates.uplink_bytes_per_s
-  down_s = ledger.down_per_iteration / rates.downlink_bytes_per_s
-  if cfg.server_mode == "relay":
-    iteration_s = cfg.num_clients * (client_s + up_s + down_s) + server_s
+  up_s = ledger.batch_up / rates.uplink_bytes_per_s
+  down_s = ledger.batch_down / rates.downlink_bytes_per_s
+  if cfg.server_mode == "relay":  # every batch of every turn, and every hand-on, in turn
+    handoff_s = (ledger.handoff / rates.uplink_bytes_per_s
+                 + ledger.handoff / rates.downlink_bytes_per_s)
+    turns_C = turn_steps(cfg, data)
+    iteration_s = (float(turns_C.sum()) * (client_s + up_s + down_s) + server_s
+                   + int(np.count_nonzero(turns_C)) * handoff_s)
   elif cfg.client_gradient == "none":
     iteration_s = max(client_s + up_s, server_s)
   else:

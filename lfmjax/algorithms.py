@@ -14,6 +14,8 @@ import dataclasses
 import math
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lfmjax.data import preprocess
@@ -28,14 +30,16 @@ from lfmjax.optim import OptimizerSpec
 #   client_gradient: own        client k receives dL_k/ds_k
 #                    none       clients receive nothing and learn from a local head (LocSplitFed)
 SWITCHES = ("local_loss", "fedavg", "smashmix", "gradmix")
-STRUCTURE = ("server_mode", "client_gradient", "local_ce_weight")
+#   server_lr_exponent: SGLR's SplitLr alpha_lr, the server's rate eta_c * C ** alpha_lr
+STRUCTURE = ("server_mode", "client_gradient", "local_ce_weight", "server_lr_exponent")
 
 
 def _preset(local_loss=False, fedavg=False, smashmix=False, gradmix=False,
-            server_mode="single", client_gradient="own", local_ce_weight=0.0) -> dict:
+            server_mode="single", client_gradient="own", local_ce_weight=0.0,
+            server_lr_exponent=0.0) -> dict:
   return dict(local_loss=local_loss, fedavg=fedavg, smashmix=smashmix, gradmix=gradmix,
               server_mode=server_mode, client_gradient=client_gradient,
-              local_ce_weight=local_ce_weight)
+              local_ce_weight=local_ce_weight, server_lr_exponent=server_lr_exponent)
 
 
 ALGORITHMS: dict[str, dict] = {
@@ -45,7 +49,9 @@ ALGORITHMS: dict[str, dict] = {
     "sfl_v2": _preset(fedavg=True, server_mode="sequential"),
     "locsplitfed": _preset(fedavg=True, client_gradient="none", local_ce_weight=1.0),
     "locfedmix": _preset(local_loss=True, fedavg=True, smashmix=True),
-    "sglr": _preset(gradmix=True),
+    # SGLR (Pal et al. 2021) as its authors ran it: SplitLr alpha_lr = 0.5, SplitAvg phi = 0.5
+    # (gradmix_fraction's default).
+    "sglr": _preset(gradmix=True, server_lr_exponent=0.5),
     "mix2sfl": _preset(fedavg=True, smashmix=True, gradmix=True),
 }
 
@@ -56,7 +62,7 @@ ALGORITHM_HELP: dict[str, str] = {
     "sfl_v2": "SplitFed V2: one server stepping client after client in a random order; FedAvg",
     "locsplitfed": "LocSplitFed: clients learn from a local aux head, no gradient from the server; FedAvg",
     "locfedmix": "LocFedMix-SL: PSL + local MI loss (Loc) + FedAvg (Fed) + SmashMix (Mix)",
-    "sglr": "SGLR: PSL + SplitLr (eta_s = eta_c C^server_lr_exponent) + GradMix (fraction phi)",
+    "sglr": "SGLR: PSL + SplitLr (eta_s = eta_c C^0.5) + GradMix/SplitAvg (fraction phi = 0.5)",
     "mix2sfl": "Mix2SFL: PSL + SmashMix + GradMix + FedAvg",
 }
 
@@ -73,6 +79,7 @@ CLIENT_GRADIENTS = ("own", "none")
 LOCAL_LOSS_KINDS = ("bce", "mse")
 MAX_SIDE = 512      # resize_to: a bound, since the side sizes every buffer of the run
 MAX_CHANNELS = 16   # channels: grey repeated up to this
+MAX_TURN_STEPS = 100_000  # sl_turn_steps: a bound, since it is the length of a scan
 
 
 class SpecError(ValueError):
@@ -117,10 +124,15 @@ class RoundConfig:
   # Structure (see ALGORITHMS).
   server_mode: str = "single"
   client_gradient: str = "own"
+  # Vanilla SL: mini-batches a client processes in its turn before handing the lower
+  # on; None: one local epoch, ceil(|D_k| / B) for client k (`turn_steps`).
+  sl_turn_steps: int | None = None
   # Optimisers: named by specs (`lfmjax.optim`), or any optax transformation, which
   # replaces the spec of its side (`make_round_step(..., client_tx=...)`).
   client_opt: OptimizerSpec = OptimizerSpec()
   server_opt: OptimizerSpec = OptimizerSpec()
+  # SGLR's SplitLr: the server's peak rate is server_opt's times C ** alpha_lr (`server_spec`).
+  server_lr_exponent: float = 0.0
   client_tx: optax.GradientTransformation | None = None
   server_tx: optax.GradientTransformation | None = None
   # Input pipeline, applied on the device to the uint8 batch.
@@ -157,6 +169,13 @@ class RoundConfig:
         (not 0.0 < self.mixup_alpha < math.inf, "mixup_alpha",
          "Beta(alpha, alpha) needs alpha > 0"),
         (not 0.0 < self.gradmix_fraction <= 1.0, "gradmix_fraction", "phi must be in (0, 1]"),
+        (not -4.0 <= self.server_lr_exponent <= 4.0, "server_lr_exponent",
+         "SplitLr's alpha_lr must lie in [-4, 4] (SGLR uses 0.5)"),
+        (self.sl_turn_steps is not None and not 1 <= self.sl_turn_steps <= MAX_TURN_STEPS,
+         "sl_turn_steps", f"1 to {MAX_TURN_STEPS} mini-batches a turn (or None: one local "
+         f"epoch)"),
+        (self.sl_turn_steps is not None and self.server_mode != "relay", "sl_turn_steps",
+         "turns belong to vanilla SL (server_mode='relay'); leave it unset"),
         *self._input_rules(),
         *self._composition_rules(),
         *((tx is not None and not (callable(getattr(tx, "init", None))
@@ -247,8 +266,27 @@ class RoundConfig:
     return 1 if self.client_phase == "averaged" else self.num_clients
 
   @property
+  def server_spec(self) -> OptimizerSpec:
+    """The server's optimiser spec as applied: SplitLr scales its peak rate by
+    C ** alpha_lr on the same schedule (SGLR: eta_s = eta_c sqrt(C))."""
+    if self.server_lr_exponent == 0.0:
+      return self.server_opt
+    return dataclasses.replace(self.server_opt, learning_rate=(
+        self.server_opt.learning_rate * self.num_clients ** self.server_lr_exponent))
+
+  @property
   def server_updates_per_iteration(self) -> int:
+    """Server steps per iteration; vanilla SL's depend on the data (`turn_steps`)."""
     return server_updates_per_iteration(self.server_mode, self.num_clients)
+
+  def turn_steps(self, sizes_C, weights_C=None):
+    """Vanilla SL: mini-batches each client processes in its turn (`turn_steps`)."""
+    return turn_steps(sizes_C, self.batch_size, self.sl_turn_steps, weights_C)
+
+  def turn_length(self, width: int) -> int:
+    """Static scan length of a turn: the longest client's, from the index table's width
+    (the largest |D_k|)."""
+    return self.sl_turn_steps or -(-width // self.batch_size)
 
   @property
   def num_gradmix(self) -> int:
@@ -257,6 +295,18 @@ class RoundConfig:
       return 0
     m = int(round(self.gradmix_fraction * self.num_clients))
     return m if m >= 2 else 0
+
+
+def turn_steps(sizes_C, batch_size: int, sl_turn_steps: int | None = None, weights_C=None):
+  """Vanilla SL: mini-batches each client processes in its turn (int32 C), one local
+  epoch ceil(|D_k| / B) unless `sl_turn_steps` fixes it; 0 for a client without data
+  (or of weight 0). NumPy in, NumPy out (the ledger); traced in, traced out (the round)."""
+  xp = np if isinstance(sizes_C, np.ndarray) else jnp
+  sizes = xp.asarray(sizes_C).astype(xp.int32)
+  n = ((sizes + batch_size - 1) // batch_size if sl_turn_steps is None
+       else xp.full_like(sizes, sl_turn_steps))
+  present = sizes > 0 if weights_C is None else xp.asarray(weights_C) > 0
+  return xp.where(present, n, 0).astype(xp.int32)
 
 
 def server_updates_per_iteration(server_mode: str, num_clients: int) -> int:
@@ -282,26 +332,39 @@ def resolve_switches(config: Any) -> dict[str, bool]:
           for name in SWITCHES}
 
 
-def round_config_from(config: Any, num_classes: int) -> RoundConfig:
+def round_config_from(config: Any, num_classes: int, sizes_C=None) -> RoundConfig:
   """The RoundConfig an ml_collections config names: its algorithm's preset with the
-  config's fields over it (the config uses RoundConfig's names)."""
+  config's fields over it (the config uses RoundConfig's names).
+
+  `sizes_C`, the clients' data sizes, fix the schedules' horizon of vanilla SL, whose
+  clients and server step once per mini-batch of a turn: without them a turn counts
+  as one step (enough to check a config)."""
   local_ce_weight = config.local_ce_weight
   if local_ce_weight is None:
     local_ce_weight = ALGORITHMS[config.algorithm]["local_ce_weight"]
-  server_lr = config.server_lr
-  if server_lr is None:  # SGLR's SplitLr: eta_s = eta_c * C ** alpha_lr
-    server_lr = config.client_lr * config.num_clients ** config.server_lr_exponent
-  server_steps = config.num_iterations * server_updates_per_iteration(
-      ALGORITHMS[config.algorithm]["server_mode"], config.num_clients)
+  # SGLR's SplitLr: eta_s = eta_c * C ** alpha_lr, unless the server's rate is given.
+  server_lr, exponent = config.server_lr, 0.0
+  if server_lr is None:
+    server_lr, exponent = config.client_lr, config.server_lr_exponent
+    if exponent is None:
+      exponent = ALGORITHMS[config.algorithm]["server_lr_exponent"]
+  client_steps = server_steps = config.num_iterations
+  server_steps *= server_updates_per_iteration(ALGORITHMS[config.algorithm]["server_mode"],
+                                               config.num_clients)
   same_names = ("num_clients", "batch_size", "local_loss_weight", "local_loss_kind",
                 "num_mixed", "mixup_alpha", "mix_grad_to_clients", "fedavg_every",
                 "fedavg_opt_state", "averaged_clients", "gradmix_fraction")
   inputs = config.input
+  turns = {} if config.sl_turn_steps is None else {"sl_turn_steps": config.sl_turn_steps}
+  if ALGORITHMS[config.algorithm]["server_mode"] == "relay" and sizes_C is not None:
+    steps_C = turn_steps(np.asarray(sizes_C), config.batch_size, config.sl_turn_steps)
+    client_steps = config.num_iterations * int(steps_C.max())
+    server_steps = config.num_iterations * int(steps_C.sum())
   return preset(
       config.algorithm, num_classes=num_classes,
-      **{name: config[name] for name in same_names}, **resolve_switches(config),
-      local_ce_weight=float(local_ce_weight),
-      client_opt=optimizer_spec(config, "client", config.client_lr, config.num_iterations),
+      **{name: config[name] for name in same_names}, **resolve_switches(config), **turns,
+      local_ce_weight=float(local_ce_weight), server_lr_exponent=float(exponent),
+      client_opt=optimizer_spec(config, "client", config.client_lr, client_steps),
       server_opt=optimizer_spec(config, "server", float(server_lr), server_steps),
       resize_to=inputs.resize_to, channels=inputs.channels, normalize=inputs.normalize,
       mean=tuple(inputs.mean) if inputs.mean else None,

@@ -43,6 +43,7 @@ def _data_fields(c: ml_collections.ConfigDict) -> None:
   c.classes_per_client = 2           # classes a client sees (partition=shards)
   c.samples_per_client = 1000        # samples a client holds (partition=fixed, SGLR)
   c.partition_seed = config_dict.placeholder(int)  # None: seed
+  c.validation_size = 0              # train images held out for validation (SGLR: 10,000)
   c.input = ml_collections.ConfigDict()
   c.input.resize_to = config_dict.placeholder(int)  # square side; None: as stored
   c.input.channels = config_dict.placeholder(int)   # repeat grey to 3; None: as stored
@@ -79,6 +80,7 @@ def _component_fields(c: ml_collections.ConfigDict) -> None:
   c.fedavg_opt_state = False         # average client optimiser states too
   c.averaged_clients = True          # one shared client copy where exact (linear opt, T_c=1)
   c.gradmix_fraction = 0.5           # phi, fraction of clients whose gradients are mixed
+  c.sl_turn_steps = config_dict.placeholder(int)  # sl: mini-batches a turn; None: one local epoch
 
 
 def _optimisation_fields(c: ml_collections.ConfigDict) -> None:
@@ -88,7 +90,7 @@ def _optimisation_fields(c: ml_collections.ConfigDict) -> None:
   c.client_schedule = "constant"     # constant | cosine | warmup_cosine | step
   c.server_optimizer = config_dict.placeholder(str)  # None: client_optimizer
   c.server_lr = config_dict.placeholder(float)  # None: client_lr * C ** server_lr_exponent
-  c.server_lr_exponent = 0.0         # SGLR's SplitLr alpha_lr (a scale on the schedule)
+  c.server_lr_exponent = config_dict.placeholder(float)  # SplitLr alpha_lr; None: algorithm's (sglr 0.5)
   c.server_schedule = config_dict.placeholder(str)  # None: client_schedule
   c.momentum = 0.0                   # SGD momentum, both sides (momentum: 0 means 0.9)
   c.weight_decay = 0.0               # decoupled for adamw, added to the gradient else

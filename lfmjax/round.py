@@ -38,7 +38,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from lfmjax import components
 from lfmjax.algorithms import RoundConfig
-from lfmjax.data import batch_indices
+from lfmjax.data import batch_indices, client_batch_indices
 from lfmjax.models import SplitModel, apply_module, has_stem
 from lfmjax.models.patch_conv import compiler_options, kernel_backend
 from lfmjax.optim import learning_rate_at
@@ -514,15 +514,18 @@ def make_client_update(cfg: RoundConfig):
   return client_update
 
 
-def learning_rates(cfg: RoundConfig, step) -> dict[str, jax.Array]:
-  """The scheduled rates this iteration applies, for the sides whose optimiser is a
-  spec (a user's optax transformation declares none): `lr_client`, `lr_server`."""
+def learning_rates(cfg: RoundConfig, step, client_steps=1, server_steps=None
+                   ) -> dict[str, jax.Array]:
+  """The scheduled rates this iteration applies (at its first update), for the sides
+  whose optimiser is a spec (a user's optax transformation declares none): `lr_client`,
+  `lr_server`. `client_steps`/`server_steps`: updates per iteration (vanilla SL's turns)."""
+  if server_steps is None:
+    server_steps = cfg.server_updates_per_iteration
   rates = {}
   if cfg.client_tx is None:
-    rates["lr_client"] = learning_rate_at(cfg.client_opt, step)
+    rates["lr_client"] = learning_rate_at(cfg.client_opt, step * client_steps)
   if cfg.server_tx is None:
-    rates["lr_server"] = learning_rate_at(cfg.server_opt,
-                                          step * cfg.server_updates_per_iteration)
+    rates["lr_server"] = learning_rate_at(cfg.server_spec, step * server_steps)
   return rates
 
 
@@ -670,49 +673,69 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, clients_forward,
 
 
 def make_relay_round(cfg: RoundConfig, model: SplitModel):
-  """Vanilla sequential SL: a scan over clients in order, inside the one program.
+  """Vanilla sequential SL by turns: a scan over clients in order, and inside each
+  client's turn a scan over its mini-batches, all in the one program.
 
-  Client k starts from the lower that client k-1 just updated (client 0 from the last
-  client's of the previous iteration), the server steps on L_k, and client k updates
-  with dL_k/ds_k. Decoders, heads and optimiser states stay with their clients.
+  Client k starts its turn from the lower that client k-1 handed on (client 0 from the
+  last client's of the previous iteration), processes `cfg.turn_steps` mini-batches (one
+  local epoch by default) from its own stream, the server stepping on each L_k and the
+  client updating with dL_k/ds_k, then hands the lower on. Decoders, heads and optimiser
+  states stay with their clients. One iteration is one turn of every client.
   """
   client_forward = make_client_forward(cfg, model)
   server_step = make_server_step_one(cfg, model)
   client_update = make_client_update(cfg)
 
   def round_step(state: RoundState, data: RoundData):
-    x_model, x01, y_CxB = sample_batch(cfg, state, data)
     clients = state.clients
+    steps_per_turn = cfg.turn_length(data.idx_CxM.shape[1])
+    turns_C = cfg.turn_steps(data.sizes_C, data.weights_C)
+    key_batch = jax.random.fold_in(state.key, TAG_BATCH)
     last = lambda tree: jax.tree.map(lambda a: a[-1], tree)
 
-    def body(carry, inputs):
+    def turn(carry, inputs):
       lower_params, lower_stats, server = carry
-      own_params, own_stats, own_opt, x, x01_k, y, w = inputs
-      params = {**own_params, "lower": lower_params}
-      stats = {**own_stats, "lower": lower_stats}
-      s, lower_vjp, ds_local, head_grads, new_stats, loss_local, loss_aux = client_forward(
-          params, stats, x, x01_k, y)
-      new_server, (g, loss_k, acc) = server_step(server, s, y)
-      new_params, opt_state = client_update(params, own_opt, lower_vjp, g, ds_local,
+      k, own_params, own_stats, own_opt, row_M, size, n = inputs
+
+      def batch_step(inner, t):
+        params, stats, opt_state, server, sums = inner
+        # Client k's stream goes on where its last turn stopped: n batches a turn.
+        idx_B = client_batch_indices(key_batch, k, state.step * n + t, row_M, size,
+                                     cfg.batch_size)
+        x, x01 = cfg.preprocess(data.train_x[idx_B])
+        y = data.train_y[idx_B]
+        s, lower_vjp, ds_local, head_grads, new_stats, loss_local, loss_aux = client_forward(
+            params, stats, x, x01, y)
+        new_server, (g, loss, acc) = server_step(server, s, y)
+        new_params, new_opt = client_update(params, opt_state, lower_vjp, g, ds_local,
                                             head_grads)
-      # A client of weight 0 (no data) skips its turn: the lower passes it unchanged
-      # (and is recorded in its slot, so the last slot always holds the latest lower).
-      present = w > 0
-      new_carry = components.select_tree(
-          present, (new_params["lower"], new_stats["lower"], new_server), carry)
-      outputs = components.select_tree(present, (new_params, new_stats, opt_state),
-                                       (params, stats, own_opt))
-      return new_carry, (*outputs, loss_k, acc, loss_local, loss_aux)
+        done = (new_params, new_stats, new_opt, new_server,
+                sums + jnp.stack([loss, acc, loss_local, loss_aux]))
+        # Steps past the client's turn (a shorter client, or weight 0) change nothing.
+        return components.select_tree(t < n, done, inner), None
+
+      inner = ({**own_params, "lower": lower_params}, {**own_stats, "lower": lower_stats},
+               own_opt, server, jnp.zeros((4,), jnp.float32))
+      (params, stats, opt_state, server, sums), _ = jax.lax.scan(
+          batch_step, inner, jnp.arange(steps_per_turn, dtype=jnp.int32))
+      # The lower handed on is recorded in the client's slot too, so the last slot
+      # always holds the latest lower (a client of weight 0 passes it on unchanged).
+      return ((params["lower"], stats["lower"], server),
+              (params, stats, opt_state, sums / jnp.maximum(n, 1)))
 
     carry = (last(clients.params["lower"]), last(clients.stats["lower"]), state.server)
-    (_, _, new_server), (params, stats, opt_state, loss_C, acc_C, local_C, aux_C) = (
-        jax.lax.scan(body, carry, (clients.params, clients.stats, clients.opt_state,
-                                   x_model, x01, y_CxB, data.weights_C)))
+    ids_C = jnp.arange(turns_C.shape[0], dtype=jnp.int32)
+    (_, _, new_server), (params, stats, opt_state, means_Cx4) = jax.lax.scan(
+        turn, carry, (ids_C, clients.params, clients.stats, clients.opt_state,
+                      data.idx_CxM, data.sizes_C, turns_C))
     w = data.weights_C
+    loss_C, acc_C, local_C, aux_C = means_Cx4.T
     metrics = {"loss_real": components.weighted_sum(w, loss_C), "loss_mix": jnp.zeros(()),
-               "train_accuracy": jnp.mean(acc_C),
+               "train_accuracy": components.weighted_sum(w, acc_C),
                "loss_local": components.weighted_sum(w, local_C),
-               "loss_aux": components.weighted_sum(w, aux_C), **learning_rates(cfg, state.step)}
+               "loss_aux": components.weighted_sum(w, aux_C),
+               **learning_rates(cfg, state.step, client_steps=steps_per_turn,
+                                server_steps=jnp.sum(turns_C))}
     new_state = RoundState(step=state.step + 1, key=state.key,
                            clients=ClientState(params, stats, opt_state), server=new_server)
     return new_state, metrics

@@ -67,7 +67,7 @@ def client_optimizer(cfg: RoundConfig) -> optax.GradientTransformation:
 
 
 def server_optimizer(cfg: RoundConfig) -> optax.GradientTransformation:
-  return cfg.server_tx if cfg.server_tx is not None else make_optimizer(cfg.server_opt)
+  return cfg.server_tx if cfg.server_tx is not None else make_optimizer(cfg.server_spec)
 
 
 def with_optimizers(cfg: RoundConfig, client_tx=None, server_tx=None) -> RoundConfig:

@@ -18,9 +18,12 @@ SMASHED = B * 48 * FLOAT            # B * S(L)
 LABELS = B * 4                      # int32 labels
 LOWER, DECODER, AUX = 30 * FLOAT, 149 * FLOAT, 20 * FLOAT
 
-# Per client: (up per iteration, down per iteration, |w_c| at each FedAvg).
+# Per client: (up per iteration, down per iteration, |w_c| at each FedAvg). make_data's
+# clients hold 12, 8 and 16 samples: vanilla SL's turns of one local epoch are 3, 2 and 4
+# batches of B = 4, and each hands the lower on once.
+SL_BATCHES = (3 + 2 + 4) / 3
 EXPECTED = {
-    "sl": (SMASHED + LABELS + LOWER, SMASHED + LOWER, 0),  # lower handed on via the server
+    "sl": (SL_BATCHES * (SMASHED + LABELS) + LOWER, SL_BATCHES * SMASHED + LOWER, 0),
     "psl": (SMASHED + LABELS, SMASHED, 0),
     "sfl_v1": (SMASHED + LABELS, SMASHED, LOWER),
     "sfl_v2": (SMASHED + LABELS, SMASHED, LOWER),
@@ -43,6 +46,35 @@ def test_ledger_equals_closed_form(name):
   totals = ledger.totals(steps)
   assert totals["bytes_up"] == C * (steps * up + syncs * sync)
   assert totals["bytes_down"] == C * (steps * down + syncs * sync)
+
+
+@pytest.mark.parametrize("turn", [1, 5])
+def test_sl_counts_every_batch_of_a_turn_and_one_handoff(turn):
+  cfg = algorithm_cfg("sl", sl_turn_steps=turn)
+  ledger = accounting.make_ledger(cfg, MODEL, init(cfg), make_data())
+  assert ledger.up_per_iteration == turn * (SMASHED + LABELS) + LOWER
+  assert ledger.down_per_iteration == turn * SMASHED + LOWER
+  assert ledger.totals(7)["bytes_up"] == C * 7 * (turn * (SMASHED + LABELS) + LOWER)
+
+
+def test_sl_latency_adds_every_batch_and_handoff():
+  """A turn of n batches costs n (client + batch transfers + server step), and each
+  hand-on its transfer, from the same per-step FLOPs whatever the turn."""
+  rates = accounting.Rates(client_flops_per_s=1e6, server_flops_per_s=1e9,
+                           uplink_bytes_per_s=1e5, downlink_bytes_per_s=2e5)
+  data = make_data(sizes=(8,) * C)
+  lat = {}
+  for turn in (1, 4):
+    cfg = algorithm_cfg("sl", sl_turn_steps=turn)
+    state = init(cfg)
+    ledger = accounting.make_ledger(cfg, MODEL, state, data)
+    lat[turn] = accounting.make_latency(cfg, MODEL, state, data, ledger, rates)
+  per_batch = (lat[1].client_flops / 1e6 + (SMASHED + LABELS) / 1e5 + SMASHED / 2e5
+               + lat[1].server_flops / C / 1e9)
+  handoff = LOWER / 1e5 + LOWER / 2e5
+  for turn in (1, 4):
+    assert lat[turn].client_flops == lat[1].client_flops
+    assert lat[turn].iteration_s == pytest.approx(C * (turn * per_batch + handoff))
 
 
 def latency_per_iteration(name, num_clients):

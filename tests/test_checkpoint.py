@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from test_cli import ROOT, synthetic_fmnist  # noqa: F401  (fixture)
+from test_cli import ROOT, synthetic_fmnist, tiny_config  # noqa: F401  (fixture)
 
 from lfmjax.checkpoint import (CheckpointError, Checkpoints, check_workdir,
                                config_differences)
@@ -25,25 +25,6 @@ from lfmjax.mesh import pad_state, padded_num_clients
 from lfmjax.train import TrainingError, train_and_evaluate
 
 TIMINGS = ("wall_s", "train_s", "first_dispatch_s", "iterations_per_s", "total_s")
-
-
-def tiny_config(data_dir, **overrides):
-  c = base_config()
-  c.data_dir = str(data_dir)
-  c.data_verify = False
-  c.model = "tiny_cnn"
-  c.num_clients = 3
-  c.batch_size = 8
-  c.num_iterations = 8
-  c.eval_every = 4
-  c.steps_per_dispatch = 2
-  c.checkpoint_every = 2
-  c.client_optimizer = "adam"
-  c.client_lr = 1e-3
-  c.num_devices = 1  # test_mesh.py covers the multi-device runs
-  for k, v in overrides.items():
-    c[k] = v
-  return c
 
 
 def records(workdir: Path) -> list[dict]:

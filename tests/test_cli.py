@@ -174,8 +174,11 @@ def test_other_algorithms_learn_fashion_mnist(algorithm, tmp_path):
   the algorithms whose structure differs most from LocFedMix-SL's (learned above) and
   no other test trains on real data (each algorithm equals a plain loop in
   test_round.py)."""
+  # SL's iteration is a turn per client: 4 turns of 15 batches are the others' 60 batches.
+  steps = dict(num_iterations=4, sl_turn_steps=15, steps_per_dispatch=1) if algorithm == "sl" \
+      else dict(num_iterations=60, steps_per_dispatch=20)
   summary = real_run(tmp_path, algorithm=algorithm, model="mlp", num_clients=4,
-                     batch_size=16, num_iterations=60, steps_per_dispatch=20)
+                     batch_size=16, **steps)
   assert summary["final_test_accuracy"] > 0.55  # chance is 0.10
 
 
@@ -236,3 +239,80 @@ def test_impossible_compositions_are_config_errors(synthetic_fmnist, args, field
   assert result.returncode == 2, result.stderr
   error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(error) == 1 and field in error[0], result.stderr
+
+
+def tiny_config(data_dir, **overrides):
+  """A few seconds' run on the synthetic data (tiny_cnn, 3 clients, Adam)."""
+  from lfmjax.config import base_config
+  c = base_config()
+  c.data_dir = str(data_dir)
+  c.data_verify = False
+  c.model = "tiny_cnn"
+  c.num_clients = 3
+  c.batch_size = 8
+  c.num_iterations = 8
+  c.eval_every = 4
+  c.steps_per_dispatch = 2
+  c.checkpoint_every = 2
+  c.client_optimizer = "adam"
+  c.client_lr = 1e-3
+  c.num_devices = 1  # test_mesh.py covers the multi-device runs
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def test_sl_by_turns_counts_epochs_and_schedules_per_batch(synthetic_fmnist):
+  """Vanilla SL's iteration is one local epoch per client: the records' epoch axis
+  counts it, and a step decay at 50 % of the run falls at half its mini-batches."""
+  from lfmjax.train import train
+  config = tiny_config(synthetic_fmnist, algorithm="sl", num_iterations=4, eval_every=2,
+                       client_schedule="step", decay_fractions=(0.5,))
+  result = train(config, quiet=True)
+  sizes = np.array([200, 200, 200])  # 600 IID train images over 3 clients
+  batches = -(-sizes // 8)           # 25 a turn
+  assert [r["epoch"] for r in result.history] == pytest.approx(
+      [2 * np.mean(batches * 8 / sizes), 4 * np.mean(batches * 8 / sizes)])
+  # The schedules run over every update: a client's 4 x 25, the server's 4 x 75, so the
+  # drop falls at update 50 and 150, within iteration 3 (optax drops after the boundary).
+  # The records give the rate at the first update of each window's last iteration.
+  from lfmjax import algorithms
+  cfg = algorithms.round_config_from(config, 10, sizes)
+  assert (cfg.client_opt.total_steps, cfg.server_opt.total_steps) == (100, 300)
+  assert [r["lr_client"] for r in result.history] == pytest.approx([1e-3, 1e-4])
+  assert [r["lr_server"] for r in result.history] == pytest.approx([1e-3, 1e-4])
+
+
+def test_validation_split_reports_test_accuracy_at_best_validation(synthetic_fmnist, tmp_path):
+  """`validation_size` images are held out of the clients' data and evaluated beside
+  the test split; the summary gives each seed's test accuracy at its best validation
+  evaluation, and it survives a resume."""
+  from lfmjax.train import train
+  config = tiny_config(synthetic_fmnist, algorithm="psl", num_iterations=6, eval_every=2,
+                       num_seeds=2, validation_size=100)
+  result = train(config, str(tmp_path / "run"), quiet=True)
+  evals = result.history
+  assert all(0 <= e["val_accuracy"] <= 1 and len(e["val_accuracy_seeds"]) == 2 for e in evals)
+  expected = []
+  for s in range(2):
+    val = [e["val_accuracy_seeds"][s] for e in evals]
+    best = val.index(max(val))
+    expected.append(evals[best]["test_accuracy_seeds"][s])
+  summary = result.summary
+  assert summary["test_accuracy_at_best_val_seeds"] == pytest.approx(expected)
+  assert summary["test_accuracy_at_best_val"] == pytest.approx(np.mean(expected))
+  header = (tmp_path / "run" / "eval.csv").read_text().splitlines()[0]
+  assert "val_accuracy" in header.split(",")
+  # A longer run resumed from this one reports over all its evaluations.
+  config.num_iterations = 8
+  resumed = train(config, str(tmp_path / "run"), quiet=True)
+  assert [e["iteration"] for e in resumed.history] == [2, 4, 6, 8]
+  assert resumed.history[:3] == evals
+
+
+def test_validation_size_larger_than_the_data_is_one_line(synthetic_fmnist):
+  result = run_cli("--config=configs/fmnist.py", f"--config.data_dir={synthetic_fmnist}",
+                   *TINY, "--config.validation_size=599")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error: config.validation_size=599")
+

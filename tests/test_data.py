@@ -619,3 +619,16 @@ def test_preprocess_errors():
     preprocess(x, resize_to=None, channels=None, normalize="zscore")
   with pytest.raises(ValueError, match="channels"):
     preprocess(x, resize_to=None, channels=1, normalize="none")
+
+
+def test_holdout_is_a_seeded_disjoint_split():
+  import lfmjax.data as data_lib
+  kept, held = data_lib.holdout(100, 30, seed=4)
+  assert len(held) == 30 and len(kept) == 70
+  assert sorted(np.concatenate([kept, held]).tolist()) == list(range(100))
+  again = data_lib.holdout(100, 30, seed=4)
+  np.testing.assert_array_equal(held, again[1])
+  assert not np.array_equal(held, data_lib.holdout(100, 30, seed=5)[1])
+  with pytest.raises(ValueError, match="cannot hold out 100 of 100"):
+    data_lib.holdout(100, 100, seed=0)
+

@@ -103,6 +103,29 @@ def test_quick_modes_write_tables_and_plots(tmp_path):
     assert (tmp_path / name).stat().st_size > 1000
 
 
+@needs_fmnist
+def test_sglr_setting_runs_sl_by_epochs_and_reports_best_validation(tmp_path):
+  """Issue 16's setting: SL's iterations are local epochs (2 parallel iterations of 8
+  over 1,000 samples are rounded up to one), both runs report the test accuracy at the
+  best validation evaluation, and the cost script measures the same runs."""
+  scalability, tables, cost = map(script, ("scalability", "tables", "cost"))
+  common = ["--model", "tiny_cnn", "--seeds", "2", "--iterations", "2", "--eval_every", "1",
+            "--out", str(tmp_path), "--data_dir", str(fmnist_dir()), "--devices", "1",
+            "--setting", "sglr_resnet16"]
+  rows = scalability.main(common + ["--algorithms", "sl,sglr", "--clients", "2"])
+  (sl, sglr) = rows
+  assert (sl["iterations"], sglr["iterations"]) == (1, 2)
+  assert sl["epochs"] == pytest.approx(1.0) and sglr["epochs"] == pytest.approx(0.016)
+  for r in rows:
+    seeds = [float(a) for a in r["test_at_best_val_seeds"].split()]
+    assert len(seeds) == 2 and r["test_at_best_val"] == pytest.approx(sum(seeds) / 2,
+                                                                       abs=0.01)
+  best = tables.table("bestval_scalability_sglr_resnet16", base=str(tmp_path))
+  assert best.splitlines()[2].startswith("| sl | ")
+  costs = cost.main(common + ["--algorithms", "psl", "--clients", "2", "--steps", "2"])
+  assert costs[0]["s_per_iteration"] > 0 and costs[0]["s_per_eval"] > 0
+
+
 def test_long_curves_are_thinned_to_the_first_five_and_every_fifth_evaluation():
   tables = script("tables")
   rows = [{"algorithm": "sl", "iteration": str(i), "acc": str(i)} for i in range(40, 1001, 40)]

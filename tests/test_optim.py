@@ -62,13 +62,35 @@ def test_config_schedule_reaches_the_spec_with_the_run_length():
   config = base_config()
   config.algorithm, config.num_clients, config.num_iterations = "sglr", 4, 200
   config.client_optimizer, config.client_schedule = "adam", "cosine"
-  config.server_lr_exponent = 0.5
   cfg = lfmjax.round_config_from(config, 10)
   assert cfg.client_opt == OptimizerSpec("adam", 0.01, schedule="cosine", total_steps=200,
                                          decay_fractions=(0.8,))
-  # SplitLr: the server's peak is eta_c * C ** alpha_lr on the same schedule.
-  assert cfg.server_opt.learning_rate == pytest.approx(0.01 * 4 ** 0.5)
-  assert cfg.server_opt.schedule == "cosine" and cfg.server_opt.name == "adam"
+  # SplitLr, the sglr preset's alpha_lr = 0.5: the server's peak is eta_c * C ** 0.5 on
+  # the same schedule.
+  assert cfg.server_lr_exponent == 0.5 and cfg.gradmix_fraction == 0.5
+  assert cfg.server_spec.learning_rate == pytest.approx(0.01 * 4 ** 0.5)
+  assert cfg.server_spec.schedule == "cosine" and cfg.server_spec.name == "adam"
+  config.algorithm = "psl"  # no SplitLr elsewhere
+  assert lfmjax.round_config_from(config, 10).server_spec.learning_rate == 0.01
+  config.algorithm, config.server_lr_exponent = "psl", 1.0  # a config may set it anywhere
+  assert lfmjax.round_config_from(config, 10).server_spec.learning_rate == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize("num_clients", [1, 20])
+def test_sglr_server_steps_at_eta_c_sqrt_c(num_clients):
+  """The sglr preset's server applies eta_c * C ** 0.5: one SGD server step from the
+  same state moves the upper sqrt(C) times as far as PSL's with the same eta_c."""
+  spec = OptimizerSpec("sgd", 0.05)
+  sglr = lfmjax.preset("sglr", num_clients=num_clients, batch_size=2, num_classes=3,
+                       client_opt=spec, server_opt=spec)
+  assert sglr.server_spec.learning_rate == pytest.approx(0.05 * num_clients ** 0.5)
+  tx = lfmjax.state.server_optimizer(sglr)
+  params = {"w": jnp.ones(3)}
+  updates, _ = tx.update({"w": jnp.full(3, 2.0)}, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.05 * num_clients ** 0.5 * 2.0, rtol=1e-6)
+  psl = lfmjax.preset("psl", num_clients=num_clients, batch_size=2, num_classes=3,
+                      client_opt=spec, server_opt=spec)
+  assert psl.server_spec is psl.server_opt
 
 
 def round_setup(cfg):

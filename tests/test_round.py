@@ -178,23 +178,33 @@ def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
   auxs = per_client(state.clients.params["aux_head"])
   xs = [jnp.asarray(data.train_x)[idx[k]].astype(jnp.float32) / 255.0 for k in range(C)]
   ys = [jnp.asarray(data.train_y)[idx[k]] for k in range(C)]
-  lr_c, lr_s = cfg.client_opt.learning_rate, cfg.server_opt.learning_rate
+  lr_c, lr_s = cfg.client_opt.learning_rate, cfg.server_spec.learning_rate
   losses = [0.0] * C
 
-  if cfg.server_mode == "relay":  # vanilla SL: one client after another
+  if cfg.server_mode == "relay":  # vanilla SL: one client after another, by turns
     upper, lower = state.server.params, lowers[-1]
+    sizes = np.asarray(data.sizes_C)
+    turns = [(int(sizes[k]) + B - 1) // B if cfg.sl_turn_steps is None else cfg.sl_turn_steps
+             for k in range(C)]
     new_lowers, new_decs, new_auxs = [], [], []
     for k in range(C):
-      s_k = apply(MODEL.lower, lower, xs[k])
-      losses[k], (g_upper, g_s) = jax.value_and_grad(
-          lambda w, s: ce(apply(MODEL.upper, w, s), ys[k]), argnums=(0, 1))(upper, s_k)
-      upper = sgd(upper, g_upper, lr_s)
-      g_lower, g_dec, g_aux = client_grads(cfg, lower, decs[k], auxs[k], xs[k], ys[k], g_s,
-                                            MODEL)
-      lower = sgd(lower, g_lower, lr_c)
+      dec, aux, turn_losses = decs[k], auxs[k], []
+      for t in range(turns[k]):  # client k's stream goes on from its last turn
+        idx_k = np.asarray(batch_indices(jax.random.fold_in(key, 0), step * turns[k] + t,
+                                         data.idx_CxM, data.sizes_C, cfg.batch_size))[k]
+        x_k = jnp.asarray(data.train_x)[idx_k].astype(jnp.float32) / 255.0
+        y_k = jnp.asarray(data.train_y)[idx_k]
+        s_k = apply(MODEL.lower, lower, x_k)
+        loss, (g_upper, g_s) = jax.value_and_grad(
+            lambda w, s: ce(apply(MODEL.upper, w, s), y_k), argnums=(0, 1))(upper, s_k)
+        turn_losses.append(float(loss))
+        upper = sgd(upper, g_upper, lr_s)
+        g_lower, g_dec, g_aux = client_grads(cfg, lower, dec, aux, x_k, y_k, g_s, MODEL)
+        lower, dec, aux = sgd(lower, g_lower, lr_c), sgd(dec, g_dec, lr_c), sgd(aux, g_aux, lr_c)
+      losses[k] = np.mean(turn_losses)
       new_lowers.append(lower)
-      new_decs.append(sgd(decs[k], g_dec, lr_c))
-      new_auxs.append(sgd(auxs[k], g_aux, lr_c))
+      new_decs.append(dec)
+      new_auxs.append(aux)
     return ({"upper": upper, "lower": stack(new_lowers), "decoder": stack(new_decs),
              "aux_head": stack(new_auxs)}, {"loss_real": sum(delta * np.asarray(losses))})
 
@@ -277,6 +287,8 @@ ALGOS.update({
     "locfedmix_every_2": dict(base="locfedmix", fedavg_every=2),
     "sfl_v1_every_2": dict(base="sfl_v1", fedavg_every=2),
     "sl_with_loc": dict(base="sl", local_loss=True),
+    "sl_turn_1": dict(base="sl", sl_turn_steps=1),     # a hand-on after every mini-batch
+    "sl_turn_3": dict(base="sl", sl_turn_steps=3),     # fixed turns, past client 1's epoch
     "sglr_phi_1": dict(base="sglr", gradmix_fraction=1.0),
 })
 
@@ -585,7 +597,7 @@ def bn_reference_step(cfg, state, data):
                                  data.idx_CxM, data.sizes_C, cfg.batch_size))
   xs = [jnp.asarray(data.train_x)[idx[k]].astype(jnp.float32) / 255.0 for k in range(C)]
   ys = [jnp.asarray(data.train_y)[idx[k]] for k in range(C)]
-  lr_c, lr_s = cfg.client_opt.learning_rate, cfg.server_opt.learning_rate
+  lr_c, lr_s = cfg.client_opt.learning_rate, cfg.server_spec.learning_rate
   row = lambda tree, k: jax.tree.map(lambda a: a[k], tree)
 
   def run(module, params, stats, x):

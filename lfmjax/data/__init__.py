@@ -9,13 +9,13 @@
 from lfmjax.data.datasets import (CHANNEL_STATS, CIFAR10_CLASSES, FASHION_MNIST_CLASSES, Dataset,
                                   DatasetError, cache_dir, canonical_name, load_dataset)
 from lfmjax.data.partition import (PARTITIONS, client_table, client_weights, dirichlet,
-                                   fixed, iid, make_partition, shards)
-from lfmjax.data.sampling import (NORMALIZATIONS, batch_indices, epochs_per_batch,
-                                  gather, preprocess)
+                                   fixed, holdout, iid, make_partition, shards)
+from lfmjax.data.sampling import (NORMALIZATIONS, batch_indices, client_batch_indices,
+                                  epochs_per_batch, gather, preprocess)
 
 __all__ = [
     "CHANNEL_STATS", "CIFAR10_CLASSES", "FASHION_MNIST_CLASSES", "Dataset", "DatasetError", "cache_dir",
     "canonical_name", "load_dataset", "PARTITIONS", "client_table", "client_weights",
-    "dirichlet", "fixed", "iid", "make_partition", "shards", "NORMALIZATIONS",
-    "batch_indices", "epochs_per_batch", "gather", "preprocess",
+    "dirichlet", "fixed", "holdout", "iid", "make_partition", "shards", "NORMALIZATIONS",
+    "batch_indices", "client_batch_indices", "epochs_per_batch", "gather", "preprocess",
 ]

@@ -172,3 +172,14 @@ def client_weights(sizes_C) -> np.ndarray:
   if sizes.ndim != 1 or (sizes < 0).any() or sizes.sum() <= 0:
     raise ValueError(f"sizes must be non-negative with a positive sum, got {sizes_C}")
   return (sizes / sizes.sum()).astype(np.float32)
+
+
+def holdout(num_train: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(kept, held_out): sorted train indices, `size` of them drawn uniformly without
+  replacement for validation (SGLR holds out 10,000), the rest for the clients."""
+  if not 0 <= size < num_train:
+    raise ValueError(f"cannot hold out {size} of {num_train} train samples")
+  held = np.zeros(num_train, bool)
+  held[np.random.default_rng(seed).permutation(num_train)[:size]] = True
+  return np.flatnonzero(~held), np.flatnonzero(held)
+

@@ -35,28 +35,34 @@ def batch_indices(key: jax.Array, step: jax.Array | int, idx_CxM: jax.Array,
   """
   idx_CxM = jnp.asarray(idx_CxM)
   sizes_C = jnp.asarray(sizes_C, jnp.int32)
-  num_clients, width = idx_CxM.shape
+  one = lambda k, row_M, size: client_batch_indices(key, k, step, row_M, size, batch,
+                                                    max_epochs=max_epochs)
+  clients = jnp.arange(idx_CxM.shape[0], dtype=jnp.int32)
+  return jax.vmap(one)(clients, idx_CxM, sizes_C).astype(jnp.int32)
+
+
+def client_batch_indices(key: jax.Array, k, step, row_M: jax.Array, size, batch: int, *,
+                         max_epochs: int = 2) -> jax.Array:
+  """int32 `batch` global train indices of client k at `step`: row k of `batch_indices`
+  (client k's stream depends on k, its own table row and size alone). Vanilla SL's turns
+  draw one client's batches at a time with it."""
+  width = row_M.shape[0]
+  size = jnp.maximum(jnp.asarray(size, jnp.int32), 1)  # weight 0: reads a padding entry
   start = jnp.asarray(step, jnp.int32) * batch
+  pos_B = start + jnp.arange(batch, dtype=jnp.int32)
+  epoch_B, p_B = pos_B // size, pos_B % size
+  first = start // size
+  key_k = jax.random.fold_in(key, k)
+  valid_M = jnp.arange(width) < size
 
-  def one_client(k, row_M, size):
-    size = jnp.maximum(size, 1)  # a client without data (weight 0) reads a padding entry
-    pos_B = start + jnp.arange(batch, dtype=jnp.int32)
-    epoch_B, p_B = pos_B // size, pos_B % size
-    first = start // size
-    key_k = jax.random.fold_in(key, k)
-    valid_M = jnp.arange(width) < size
+  def order(j):
+    noise = jax.random.uniform(jax.random.fold_in(key_k, first + j), (width,))
+    # Uniform draws are < 1, so 2 sorts every pad entry after every real one.
+    return jnp.argsort(jnp.where(valid_M, noise, 2.0))
 
-    def order(j):
-      noise = jax.random.uniform(jax.random.fold_in(key_k, first + j), (width,))
-      # Uniform draws are < 1, so 2 sorts every pad entry after every real one.
-      return jnp.argsort(jnp.where(valid_M, noise, 2.0))
-
-    orders_ExM = jax.vmap(order)(jnp.arange(max_epochs, dtype=jnp.int32))
-    j_B = jnp.clip(epoch_B - first, 0, max_epochs - 1)
-    return row_M[orders_ExM[j_B, p_B]]
-
-  clients = jnp.arange(num_clients, dtype=jnp.int32)
-  return jax.vmap(one_client)(clients, idx_CxM, sizes_C).astype(jnp.int32)
+  orders_ExM = jax.vmap(order)(jnp.arange(max_epochs, dtype=jnp.int32))
+  j_B = jnp.clip(epoch_B - first, 0, max_epochs - 1)
+  return row_M[orders_ExM[j_B, p_B]].astype(jnp.int32)
 
 
 def epochs_per_batch(sizes_C, batch: int) -> int:

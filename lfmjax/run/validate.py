@@ -33,6 +33,8 @@ def validate(config) -> None:
   need(positive(config.dirichlet_alpha), "dirichlet_alpha", "Dirichlet needs alpha > 0")
   need(config.classes_per_client >= 1, "classes_per_client", "must be at least 1")
   need(config.samples_per_client >= 1, "samples_per_client", "must be at least 1")
+  need(config.validation_size >= 0, "validation_size",
+       "must be >= 0 train images held out (0: no validation split)")
   need(1 <= config.num_seeds <= MAX_SEEDS, "num_seeds", f"must be in [1, {MAX_SEEDS}]")
   need(0 <= config.seed <= MAX_SEED + 1 - config.num_seeds, "seed",
        f"seeds seed..seed+num_seeds-1 must lie in [0, {MAX_SEED}]")
@@ -111,6 +113,8 @@ def check_sizes(need, config) -> None:
   need(1 <= config.classes_per_client <= MAX_CLASSES_PER_CLIENT, "classes_per_client",
        f"must be in [1, {MAX_CLASSES_PER_CLIENT}] (the datasets have 10 classes)")
   need(config.samples_per_client >= 1, "samples_per_client", "must be at least 1")
+  need(config.validation_size >= 0, "validation_size",
+       "must be >= 0 train images held out (0: no validation split)")
 
 
 def check_distributed(need, config) -> None:
@@ -145,7 +149,11 @@ def check_optimisation(need, config) -> None:
   need(positive(config.client_lr), "client_lr", "the learning rate must be a positive number")
   need(config.server_lr is None or positive(config.server_lr), "server_lr",
        "the learning rate must be a positive number (or leave it unset)")
-  need(math.isfinite(config.server_lr_exponent), "server_lr_exponent", "must be a number")
+  need(config.server_lr_exponent is None or math.isfinite(config.server_lr_exponent),
+       "server_lr_exponent", "must be a number (or leave it unset: the algorithm's)")
+  need(config.server_lr is None or config.server_lr_exponent is None, "server_lr_exponent",
+       f"SplitLr scales the client's rate, but server_lr={config.server_lr} is given: "
+       f"unset one of them")
   need(0.0 <= config.momentum < 1.0, "momentum", "must be in [0, 1)")
 
 

@@ -19,7 +19,8 @@ from lfmjax.state import RoundState
 class MetricsWriter:
   """Appends JSON lines to metrics.jsonl and evaluation rows to eval.csv."""
 
-  EVAL_FIELDS = ("iteration", "epoch", "test_accuracy", "test_loss", "loss_real",
+  EVAL_FIELDS = ("iteration", "epoch", "test_accuracy", "test_loss", "val_accuracy",
+                 "val_loss", "loss_real",
                  "loss_mix", "loss_local", "loss_aux", "train_accuracy", "lr_client",
                  "lr_server", "bytes_up", "bytes_down", "latency_s", "wall_s")
 
@@ -136,17 +137,46 @@ def resume(checkpoints: Checkpoints, state: RoundState, fingerprint: str,
 
 
 def evaluation_record(evaluate, state: RoundState, data, client_ids, test, train_window,
-                      step: int, iters_per_epoch: int, wall_s: float) -> dict[str, Any]:
-  """Test accuracy and loss (the mean over seeds, with each seed's and the spread when
-  there are several) and the train metrics averaged since the last evaluation."""
-  result = jax.device_get(evaluate(state, data.weights_C, client_ids, test))
-  accuracy, loss = np.asarray(result["accuracy"]), np.asarray(result["loss"])
+                      step: int, epochs_per_iteration: float, wall_s: float, val=None
+                      ) -> dict[str, Any]:
+  """Test (and, with a held-out validation split `val`, validation) accuracy and loss,
+  the mean over seeds with each seed's and the spread when there are several, and the
+  train metrics averaged since the last evaluation."""
+  record = {"type": "eval", "iteration": step,
+            "epoch": round(step * epochs_per_iteration, 4)}
+  for split, chunks in (("test", test), ("val", val)):
+    if chunks is not None:
+      record.update(split_scores(split, evaluate(state, data.weights_C, client_ids, chunks)))
   train = mean_metrics(joined_window(train_window))
-  record = {"type": "eval", "iteration": step, "epoch": round(step / iters_per_epoch, 4),
-            "test_accuracy": float(accuracy.mean()), "test_loss": float(loss.mean())}
-  if accuracy.ndim:  # num_seeds > 1
-    record.update(test_accuracy_std=float(accuracy.std()),
-                  test_accuracy_seeds=[float(a) for a in accuracy],
-                  test_loss_seeds=[float(v) for v in loss])
   return {**record, **train, "wall_s": round(wall_s, 2)}
 
+
+def split_scores(split: str, result: dict) -> dict[str, Any]:
+  result = jax.device_get(result)
+  accuracy, loss = np.asarray(result["accuracy"]), np.asarray(result["loss"])
+  scores = {f"{split}_accuracy": float(accuracy.mean()), f"{split}_loss": float(loss.mean())}
+  if accuracy.ndim:  # num_seeds > 1
+    scores.update({f"{split}_accuracy_std": float(accuracy.std()),
+                   f"{split}_accuracy_seeds": [float(a) for a in accuracy],
+                   f"{split}_loss_seeds": [float(v) for v in loss]})
+  return scores
+
+
+def at_best_validation(evals: list[dict]) -> dict[str, Any]:
+  """The test accuracy at each seed's best validation evaluation (the first where
+  several tie), its mean (and spread and seeds with several), and the iterations."""
+  if not evals or "val_accuracy" not in evals[-1]:
+    return {}
+  seeds = "val_accuracy_seeds" in evals[-1]
+  column = lambda name: np.array([e[f"{name}_seeds"] if seeds else [e[name]] for e in evals])
+  val_ExS, test_ExS = column("val_accuracy"), column("test_accuracy")
+  best_S = val_ExS.argmax(axis=0)
+  test_S = test_ExS[best_S, np.arange(val_ExS.shape[1])]
+  iterations = [int(evals[i]["iteration"]) for i in best_S]
+  out = {"test_accuracy_at_best_val": float(test_S.mean()),
+         "best_val_accuracy": float(val_ExS.max(axis=0).mean()),
+         "best_val_iteration": iterations if seeds else iterations[0]}
+  if seeds:
+    out.update(test_accuracy_at_best_val_std=float(test_S.std()),
+               test_accuracy_at_best_val_seeds=[float(a) for a in test_S])
+  return out
