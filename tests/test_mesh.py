@@ -161,15 +161,16 @@ def test_seeds_in_one_program_equal_separate_runs(algorithm):
 @pytest.mark.parametrize("algorithm", ["locfedmix", "sl"])  # seeds vmapped, or in turn
 def test_a_run_with_seeds_reports_each_seed_and_the_spread(synthetic_fmnist, tmp_path,
                                                            algorithm):
+  turns = {"sl_turn_steps": 5} if algorithm == "sl" else {}  # 5 batches a turn: seconds
   config = tiny_config(synthetic_fmnist, num_seeds=2, num_iterations=4, checkpoint_every=0,
-                       algorithm=algorithm)
+                       algorithm=algorithm, **turns)
   train_and_evaluate(config, str(tmp_path / "seeds"), quiet=True)
   records = [json.loads(l) for l in (tmp_path / "seeds" / "metrics.jsonl").read_text()
              .splitlines()]
   for s in (0, 1):
     train_and_evaluate(tiny_config(synthetic_fmnist, seed=s, partition_seed=0,
                                    num_iterations=4, checkpoint_every=0,
-                                   algorithm=algorithm),
+                                   algorithm=algorithm, **turns),
                        str(tmp_path / f"seed{s}"), quiet=True)
     alone = json.loads((tmp_path / f"seed{s}" / "metrics.jsonl").read_text().splitlines()[0])
     assert records[0]["test_loss_seeds"][s] == pytest.approx(alone["test_loss"], abs=1e-4)

@@ -286,7 +286,7 @@ ALGOS.update({
     "mix_psl": dict(base="psl", smashmix=True),
     "locfedmix_every_2": dict(base="locfedmix", fedavg_every=2),
     "sfl_v1_every_2": dict(base="sfl_v1", fedavg_every=2),
-    "sl_with_loc": dict(base="sl", local_loss=True),
+    "sl_with_loc": dict(base="sl", local_loss=True, sl_turn_steps=2),
     "sl_turn_1": dict(base="sl", sl_turn_steps=1),     # a hand-on after every mini-batch
     "sl_turn_3": dict(base="sl", sl_turn_steps=3),     # fixed turns, past client 1's epoch
     "sglr_phi_1": dict(base="sglr", gradmix_fraction=1.0),
