@@ -5,7 +5,8 @@ ablation on the same setting through the config argument.
     python -m lfmjax.main --config=configs/fmnist.py:psl --workdir=runs/psl
     python -m lfmjax.main --config=configs/fmnist.py:psl,local_loss,fedavg --workdir=runs/locfed
 
-The argument is an algorithm (`python -m lfmjax.main --list`), optionally followed by
+The argument is an algorithm (`python -m lfmjax.main --list`; `sl` runs 3 iterations,
+each a turn of one local epoch per client), optionally followed by
 components switched on over it, the others off: `psl,local_loss,fedavg` is PSL + Loc + Fed
 without Mix (big_vision's config arguments: one file, no copies per algorithm).
 
@@ -39,4 +40,7 @@ def get_config(arg: str | None = None):
   c.client_lr = 1e-3               # eta_c (= eta_s)
   c.num_iterations = 600           # 3.2 epochs of each client's 6,000 samples
   c.eval_every = 100               # six evaluations on the 10,000 test images
+  if algorithm == "sl":            # SL's iteration is a turn of one local epoch per client:
+    c.num_iterations = 3           # the same 3 epochs of samples
+    c.eval_every = 1               # an evaluation per epoch
   return c

@@ -211,6 +211,9 @@ def test_config_argument_names_algorithm_and_components():
     config = module.get_config(name)
     validate(config)
     assert config.algorithm == name and config.local_loss is None
+  # SL's iteration is a local epoch of every client: its run is the others' 3 epochs.
+  assert module.get_config("sl").num_iterations * 6000 == pytest.approx(
+      module.get_config("psl").num_iterations * 32, rel=0.1)
   config = module.get_config("psl,local_loss,fedavg")
   assert (config.local_loss, config.fedavg, config.smashmix, config.gradmix) == (
       True, True, False, False)
