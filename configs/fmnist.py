@@ -40,6 +40,7 @@ def get_config(arg: str | None = None):
   c.client_lr = 1e-3               # eta_c (= eta_s)
   c.num_iterations = 600           # 3.2 epochs of each client's 6,000 samples
   c.eval_every = 100               # six evaluations on the 10,000 test images
+  c.validation_size = 5000         # held out: validation, and the attack's auxiliary set
   if algorithm == "sl":            # SL's iteration is a turn of one local epoch per client:
     c.num_iterations = 3           # the same 3 epochs of samples
     c.eval_every = 1               # an evaluation per epoch

@@ -206,10 +206,20 @@ def listed_runs(base: str, experiment: str) -> list[tuple[dict, str]]:
   return []
 
 
+# Config groups added after runs were committed: left out of the digest while at their
+# defaults, so those runs keep their workdir names.
+LATER_GROUPS = ("privacy",)
+
+
 def config_digest(config) -> str:
   """What a run computes: the digest of its config without where the data lives."""
+  from lfmjax.config import base_config
   fields = json.loads(config.to_json_best_effort(sort_keys=True))
   fields.pop("data_dir", None)
+  defaults = json.loads(base_config().to_json_best_effort(sort_keys=True))
+  for group in LATER_GROUPS:
+    if fields.get(group) == defaults.get(group):
+      fields.pop(group, None)
   return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
 
 

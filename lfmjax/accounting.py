@@ -4,7 +4,8 @@ latency"), as compared in LocFedMix-SL (Oh et al., WWW 2022).
 Both are closed forms in the iteration count, fixed when the round is built:
 
 * **Bytes**, from the shapes and dtypes of what crosses the network. Per client and
-  iteration: up B*S(L) (smashed data) + B label bytes; down B*S(L) (none when clients
+  iteration: up B*S(L) (smashed data; with k-bit quantisation k/8 bytes an element and
+  8 a sample) + B label bytes; down B*S(L) (none when clients
   receive nothing, LocSplitFed); every T_c iterations up and down |w_c| (the averaged
   client segments: lower with its BatchNorm statistics, decoder where Loc is on, aux head
   where it is trained). Vanilla SL's iteration is a turn per client of `sl_turn_steps`
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfmjax import models
+from lfmjax import models, privacy
 from lfmjax import round as round_lib
 from lfmjax.algorithms import RoundConfig
 from lfmjax.models import SplitModel
@@ -134,9 +135,13 @@ def smashed_shape(cfg: RoundConfig, model: SplitModel, data: RoundData):
 def make_ledger(cfg: RoundConfig, model: SplitModel, state: RoundState,
                 data: RoundData) -> CommLedger:
   s = smashed_shape(cfg, model, data)
-  smashed = int(np.prod(s.shape)) * s.dtype.itemsize  # B * S(L)
-  up = smashed + cfg.batch_size * LABEL_BYTES
-  down = 0 if cfg.client_gradient == "none" else smashed
+  # B * S(L) * itemsize; with quantisation the k-bit codes and each sample's scale.
+  elements = int(np.prod(s.shape[1:]))
+  up = (privacy.smashed_bytes(elements, cfg.batch_size, s.dtype.itemsize, cfg.quantize_bits)
+        + cfg.batch_size * LABEL_BYTES)
+  # The gradient comes back in full precision.
+  down = (0 if cfg.client_gradient == "none"
+          else privacy.smashed_bytes(elements, cfg.batch_size, s.dtype.itemsize))
   batches, handoff = 1.0, 0
   if cfg.server_mode == "relay":
     batches = float(np.mean(turn_steps(cfg, data)))

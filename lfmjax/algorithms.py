@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lfmjax import privacy
 from lfmjax.data import preprocess
 from lfmjax.optim import OptimizerSpec
 
@@ -80,6 +81,7 @@ LOCAL_LOSS_KINDS = ("bce", "mse")
 MAX_SIDE = 512      # resize_to: a bound, since the side sizes every buffer of the run
 MAX_CHANNELS = 16   # channels: grey repeated up to this
 MAX_TURN_STEPS = 100_000  # sl_turn_steps: a bound, since it is the length of a scan
+MAX_QUANTIZE_BITS = privacy.MAX_QUANTIZE_BITS
 
 
 class SpecError(ValueError):
@@ -135,6 +137,11 @@ class RoundConfig:
   server_lr_exponent: float = 0.0
   client_tx: optax.GradientTransformation | None = None
   server_tx: optax.GradientTransformation | None = None
+  # Privacy (`lfmjax.privacy`): defences on every upload of smashed data, and NoPeek.
+  noise_std: float = 0.0                  # Gaussian noise sigma on s (0: off)
+  noise_snr_db: float | None = None       # or the sigma giving this SNR on each batch
+  quantize_bits: int = 0                  # k-bit quantisation of s (0: off)
+  nopeek_weight: float = 0.0              # NoPeek: weight of dCor(x, s) in the client loss
   # Input pipeline, applied on the device to the uint8 batch.
   resize_to: int | None = None
   channels: int | None = None
@@ -176,12 +183,26 @@ class RoundConfig:
          f"epoch)"),
         (self.sl_turn_steps is not None and self.server_mode != "relay", "sl_turn_steps",
          "turns belong to vanilla SL (server_mode='relay'); leave it unset"),
+        *self._privacy_rules(),
         *self._input_rules(),
         *self._composition_rules(),
         *((tx is not None and not (callable(getattr(tx, "init", None))
                                    and callable(getattr(tx, "update", None))),
            f"{side}_tx", "must be an optax.GradientTransformation")
           for side, tx in (("client", self.client_tx), ("server", self.server_tx))),
+    )
+
+  def _privacy_rules(self):
+    yield from (
+        (not 0.0 <= self.noise_std < math.inf, "noise_std", "the noise's sigma must be >= 0"),
+        (self.noise_snr_db is not None and not -100.0 <= self.noise_snr_db <= 100.0,
+         "noise_snr_db", "a target SNR in [-100, 100] dB (or None: noise_std)"),
+        (self.noise_snr_db is not None and self.noise_std > 0, "noise_snr_db",
+         "set the noise by noise_std or by noise_snr_db, not both"),
+        (not 0 <= self.quantize_bits <= MAX_QUANTIZE_BITS, "quantize_bits",
+         f"0 (off) or 1 to {MAX_QUANTIZE_BITS} bits an element"),
+        (not 0.0 <= self.nopeek_weight < math.inf, "nopeek_weight",
+         "NoPeek's weight on dCor(x, s) must be >= 0"),
     )
 
   def _input_rules(self):
@@ -222,6 +243,17 @@ class RoundConfig:
     """uint8 images -> (x_model, x01) with this run's resize, channels, normalisation."""
     return preprocess(x_uint8, resize_to=self.resize_to, channels=self.channels,
                       normalize=self.normalize, mean=self.mean, std=self.std)
+
+  @property
+  def defends_upload(self) -> bool:
+    """Whether uploads are noised or quantised (`privacy.defend`)."""
+    return self.noise_std > 0 or self.noise_snr_db is not None or self.quantize_bits > 0
+
+  def defend(self, key, s_BxS):
+    """One client's upload in place of s (`privacy.defend`; s itself when off)."""
+    if not self.defends_upload:
+      return s_BxS
+    return privacy.defend(key, s_BxS, self.noise_std, self.noise_snr_db, self.quantize_bits)
 
   @property
   def uses_decoder(self) -> bool:
@@ -360,15 +392,22 @@ def round_config_from(config: Any, num_classes: int, sizes_C=None) -> RoundConfi
     steps_C = turn_steps(np.asarray(sizes_C), config.batch_size, config.sl_turn_steps)
     client_steps = config.num_iterations * int(steps_C.max())
     server_steps = config.num_iterations * int(steps_C.sum())
+  privacy_fields = config.get("privacy") or {}
+  defences = {name: privacy_fields[name] for name in PRIVACY_FIELDS if name in privacy_fields}
   return preset(
       config.algorithm, num_classes=num_classes,
       **{name: config[name] for name in same_names}, **resolve_switches(config), **turns,
+      **defences,
       local_ce_weight=float(local_ce_weight), server_lr_exponent=float(exponent),
       client_opt=optimizer_spec(config, "client", config.client_lr, client_steps),
       server_opt=optimizer_spec(config, "server", float(server_lr), server_steps),
       resize_to=inputs.resize_to, channels=inputs.channels, normalize=inputs.normalize,
       mean=tuple(inputs.mean) if inputs.mean else None,
       std=tuple(inputs.std) if inputs.std else None)
+
+
+# RoundConfig's fields the config holds under `privacy`.
+PRIVACY_FIELDS = ("noise_std", "noise_snr_db", "quantize_bits", "nopeek_weight")
 
 
 def optimizer_spec(config: Any, side: str, learning_rate: float, total_steps: int

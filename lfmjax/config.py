@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   _model_fields(c)
   _component_fields(c)
   _optimisation_fields(c)
+  _privacy_fields(c)
   _latency_fields(c)
   _run_fields(c)
   _device_fields(c)
@@ -98,6 +99,17 @@ def _optimisation_fields(c: ml_collections.ConfigDict) -> None:
   c.warmup_fraction = 0.05           # warmup_cosine: share of the run warming up
   c.decay_fractions = (0.8,)         # step: where the rate drops (fractions of the run)
   c.decay_factor = 0.1               # step: the factor at each drop
+
+
+def _privacy_fields(c: ml_collections.ConfigDict) -> None:
+  """Privacy: defences on the smashed data, and the leakage measured at evaluations."""
+  c.privacy = ml_collections.ConfigDict()
+  p = c.privacy
+  p.noise_std = 0.0                  # Gaussian noise sigma on every upload of s (0: off)
+  p.noise_snr_db = config_dict.placeholder(float)  # or sigma for this SNR per batch (dB)
+  p.quantize_bits = 0                # k-bit quantisation of s, per sample (0: off)
+  p.nopeek_weight = 0.0              # NoPeek: weight of dCor(x, s) in each client's loss
+  p.probe_size = 64                  # samples per client for dCor(x, s) at evaluations (0: off)
 
 
 def _latency_fields(c: ml_collections.ConfigDict) -> None:

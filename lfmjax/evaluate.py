@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lfmjax import components
+from lfmjax import components, privacy
 from lfmjax.algorithms import RoundConfig
 from lfmjax.models import SplitModel, apply_module
 from lfmjax.models.patch_conv import compiler_options
@@ -47,40 +47,75 @@ def make_evaluate(cfg: RoundConfig, model: SplitModel, *, jit: bool = True):
   `test` is `(x_TxChunk uint8, y_TxChunk, mask_TxChunk)` from `pad_to_chunks`.
   """
 
-  def logits_of(lower_vars, upper_vars, x_uint8):
+  def logits_of(lower_vars, upper_vars, x_uint8, key):
     x_model, _ = cfg.preprocess(x_uint8)
     s, _ = apply_module(model.lower, lower_vars, x_model, train=False)
-    logits, _ = apply_module(model.upper, upper_vars, s, train=False)
+    # The model as deployed: the server sees the defended upload (`privacy.defend`).
+    logits, _ = apply_module(model.upper, upper_vars, cfg.defend(key, s), train=False)
     return logits
 
-  def score(lower_vars, upper_vars, test):
+  def score(lower_vars, upper_vars, test, key):
     """Summed correct and summed loss over the (masked) test split."""
     def chunk_score(args):
-      x, y, mask = args
-      logits = logits_of(lower_vars, upper_vars, x)
+      x, y, mask, i = args
+      logits = logits_of(lower_vars, upper_vars, x, jax.random.fold_in(key, i))
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
       return (jnp.sum(mask * (jnp.argmax(logits, -1) == y)), jnp.sum(mask * loss))
-    correct, loss = jax.lax.map(chunk_score, test)
+    chunk_ids = jnp.arange(test[1].shape[0], dtype=jnp.int32)
+    correct, loss = jax.lax.map(chunk_score, (*test, chunk_ids))
     return correct.sum(), loss.sum()
 
   def evaluate(state: RoundState, weights_C, client_ids, test):
     clients, server = state.clients, state.server
+    key = jax.random.fold_in(state.key, privacy.TAG_EVAL_NOISE)
     upper_vars = {"params": server.params, **server.stats}
     if cfg.server_mode == "per_client":  # SFL-V1's copies, averaged as FedAvg would
       upper_vars = components.weighted_mean(upper_vars, weights_C)
     lower_C = {"params": clients.params["lower"], **clients.stats["lower"]}
     n = jnp.sum(test[2])
     if cfg.server_mode == "relay":  # vanilla SL: the last client's lower is the model
-      correct, loss = score(jax.tree.map(lambda a: a[-1], lower_C), upper_vars, test)
+      correct, loss = score(jax.tree.map(lambda a: a[-1], lower_C), upper_vars, test, key)
     elif cfg.client_phase == "averaged":  # one copy for all clients
-      correct, loss = score(jax.tree.map(lambda a: a[0], lower_C), upper_vars, test)
+      correct, loss = score(jax.tree.map(lambda a: a[0], lower_C), upper_vars, test, key)
     elif cfg.fedavg:
       lower = components.weighted_mean(lower_C, weights_C)
-      correct, loss = score(lower, upper_vars, test)
+      correct, loss = score(lower, upper_vars, test, key)
     else:
       lower_E = jax.tree.map(lambda a: a[client_ids], lower_C)
-      correct_E, loss_E = jax.lax.map(lambda lv: score(lv, upper_vars, test), lower_E)
+      correct_E, loss_E = jax.lax.map(lambda lv: score(lv, upper_vars, test, key), lower_E)
       correct, loss = correct_E.mean(), loss_E.mean()
     return {"accuracy": correct / n, "loss": loss / n}
 
   return jax.jit(evaluate, compiler_options=compiler_options()) if jit else evaluate
+
+
+def probe_size(requested: int, sizes_C) -> int:
+  """dCor's probe: `requested` samples per client, at most the smallest client's data."""
+  return int(min(requested, int(np.min(sizes_C)))) if requested else 0
+
+
+def make_leakage_probe(cfg: RoundConfig, model: SplitModel, size: int):
+  """Returns `dcor(state, data) -> dcor_C`: each client's dCor(x, u) on a fixed probe,
+  its first `size` samples (`probe_size`), x the input in [0, 1] and u what the server
+  receives from the client's current lower (evaluation mode, defences applied)
+  (NoPeek's leakage measure, Vepakomma et al. 2020; `privacy.distance_correlation`)."""
+
+  def dcor(state: RoundState, data):
+    idx_CxP = data.idx_CxM[:, :size]
+    x_model, x01 = cfg.preprocess(data.train_x[idx_CxP])
+    lower_C = {"params": state.clients.params["lower"], **state.clients.stats["lower"]}
+    shared = jax.tree.leaves(lower_C)[0].shape[0] != idx_CxP.shape[0]  # one copy for all
+    key = jax.random.fold_in(state.key, privacy.TAG_EVAL_NOISE)
+
+    def one(lower, x_model, x01, k):
+      s, _ = apply_module(model.lower, lower, x_model, train=False)
+      u = cfg.defend(jax.random.fold_in(key, k), s)
+      return privacy.distance_correlation(x01, u)
+
+    if shared:
+      lower_C = jax.tree.map(lambda a: a[0], lower_C)
+    ids_C = jnp.arange(idx_CxP.shape[0], dtype=jnp.int32)
+    return jax.lax.map(lambda a: one(lower_C if shared else a[0], *a[1:]),
+                       (None if shared else lower_C, x_model, x01, ids_C))
+
+  return dcor

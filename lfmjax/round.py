@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from lfmjax import components
+from lfmjax import components, privacy
 from lfmjax.algorithms import RoundConfig
 from lfmjax.data import batch_indices, client_batch_indices
 from lfmjax.models import SplitModel, apply_module, has_stem
@@ -172,6 +172,9 @@ def make_client_forward(cfg: RoundConfig, model: SplitModel):
     """Gradients of the local terms w.r.t. s and the client-side heads."""
     ds, grads, head_stats, losses = local_term_gradients(
         terms, s, params, stats, {"x01": x01, "y": y}, one_client_loss)
+    if cfg.nopeek_weight:
+      ds = ds + cfg.nopeek_weight * jax.grad(
+          lambda s: privacy.distance_correlation(x01, s))(s)
     new_stats = {**{name: stats[name] for name in HEADS}, **head_stats}
     return (ds, grads, new_stats) + _local_metrics(losses, jnp.zeros(()))
 
@@ -292,6 +295,11 @@ def make_averaged_terms(cfg: RoundConfig, model: SplitModel):
     ds_local, head_grads, head_stats_C, used = local_term_gradients(
         terms, jax.lax.stop_gradient(s_CxBxS), params, stats, {"x01": x01, "y": y_CxB},
         weighted_loss)
+    if cfg.nopeek_weight:  # d-weighted, as the other terms: sum_k d_k dCor(x_k, s_k)
+      ds_local = ds_local + cfg.nopeek_weight * jax.grad(
+          lambda s_C: components.weighted_sum(
+              weights_C, jax.vmap(privacy.distance_correlation)(x01, s_C)))(
+                  jax.lax.stop_gradient(s_CxBxS))
     losses = {name: used.get(name, jnp.zeros(())) for name in HEADS}
     return (s_CxBxS, lower_vjp, ds_local, head_grads, {"lower": lower_stats_C, **head_stats_C},
             losses)
@@ -489,6 +497,21 @@ def gradmix_clients(key, step, num_clients: int, num_mixed: int) -> jax.Array:
   return jnp.zeros((num_clients,), bool).at[chosen].set(True)
 
 
+def upload_key(key, stream_step, client):
+  """The key of client `client`'s defence noise at its stream step (the iteration, or
+  in vanilla SL's turns the client's mini-batch count)."""
+  return jax.random.fold_in(jax.random.fold_in(
+      jax.random.fold_in(key, privacy.TAG_NOISE), stream_step), client)
+
+
+def defend_uploads(cfg: RoundConfig, s_CxBxS, key, step):
+  """What the server receives from every client: `cfg.defend` of each upload."""
+  if not cfg.defends_upload:
+    return s_CxBxS
+  ids_C = jnp.arange(s_CxBxS.shape[0], dtype=jnp.int32)
+  return jax.vmap(lambda s, k: cfg.defend(upload_key(key, step, k), s))(s_CxBxS, ids_C)
+
+
 def gradients_to_clients(cfg: RoundConfig, g_CxBxS, key, step):
   """What each client receives: its own gradient, GradMix's mean for the chosen, or none."""
   if cfg.client_gradient == "none":
@@ -657,14 +680,18 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, clients_forward,
     x_model, x01, y_CxB = sample_batch(cfg, state, data)
     s_CxBxS, finish = clients_forward(state.clients, x_model, x01, y_CxB, data.weights_C)
     s_CxBxS = components.only_present(data.weights_C, s_CxBxS)
-    new_server, g_CxBxS, server_metrics = server_phase(
-        state.server, s_CxBxS, y_CxB, data.weights_C, state.key, state.step)
-    g_CxBxS = gradients_to_clients(cfg, g_CxBxS, state.key, state.step)
+    u_CxBxS = defend_uploads(cfg, s_CxBxS, state.key, state.step)
+    new_server, g_true_CxBxS, server_metrics = server_phase(
+        state.server, u_CxBxS, y_CxB, data.weights_C, state.key, state.step)
+    # The gradient with respect to the upload goes back as the gradient for s.
+    g_CxBxS = gradients_to_clients(cfg, g_true_CxBxS, state.key, state.step)
     new_clients, loss_local, loss_aux = finish(g_CxBxS)
     if cfg.fedavg:
       new_clients, new_server = fedavg(new_clients, new_server, state.step, data.weights_C)
     metrics = {**server_metrics, "loss_local": loss_local, "loss_aux": loss_aux,
-               **learning_rates(cfg, state.step)}
+               **learning_rates(cfg, state.step),
+               "grad_cosine_clients": jax.vmap(privacy.gradient_cosine)(g_true_CxBxS,
+                                                                        g_CxBxS)}
     new_state = RoundState(step=state.step + 1, key=state.key, clients=new_clients,
                            server=new_server)
     return new_state, metrics
@@ -706,7 +733,8 @@ def make_relay_round(cfg: RoundConfig, model: SplitModel):
         y = data.train_y[idx_B]
         s, lower_vjp, ds_local, head_grads, new_stats, loss_local, loss_aux = client_forward(
             params, stats, x, x01, y)
-        new_server, (g, loss, acc) = server_step(server, s, y)
+        u = cfg.defend(upload_key(state.key, state.step * n + t, k), s)
+        new_server, (g, loss, acc) = server_step(server, u, y)
         new_params, new_opt = client_update(params, opt_state, lower_vjp, g, ds_local,
                                             head_grads)
         done = (new_params, new_stats, new_opt, new_server,

@@ -23,6 +23,8 @@ SCALARS = (
     ("lr_client", "optim/lr_client"), ("lr_server", "optim/lr_server"),
     ("bytes_up", "comm/bytes_up"), ("bytes_down", "comm/bytes_down"),
     ("latency_s", "comm/simulated_seconds"),
+    ("dcor", "privacy/dcor"), ("dcor_std", "privacy/dcor_std"),
+    ("grad_cosine", "privacy/grad_cosine"), ("grad_cosine_std", "privacy/grad_cosine_std"),
 )
 
 

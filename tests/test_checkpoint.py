@@ -185,7 +185,7 @@ CLI_ARGS = ["--config=configs/fmnist.py", "--config.model=tiny_cnn",
             "--config.num_clients=3", "--config.batch_size=8", "--config.eval_every=4",
             "--config.steps_per_dispatch=1", "--config.data_verify=False",
             "--config.client_optimizer=adam", "--config.client_lr=0.001",
-            "--config.num_devices=1"]
+            "--config.num_devices=1", "--config.validation_size=0"]
 
 # Runs the CLI in this process, and SIGKILLs it as soon as a checkpoint directory is
 # half written (orbax's temporary directory exists) for a step of at least argv[1].

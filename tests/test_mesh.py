@@ -192,7 +192,7 @@ def test_two_processes_equal_one(synthetic_fmnist, tmp_path):
           "--config.model=tiny_cnn", "--config.num_clients=5", "--config.batch_size=8",
           "--config.num_iterations=4", "--config.eval_every=2",
           "--config.steps_per_dispatch=2", "--config.data_verify=False",
-          "--config.checkpoint_every=0"]
+          "--config.checkpoint_every=0", "--config.validation_size=0"]
   one = subprocess.run([sys.executable, "-m", "lfmjax.main", *args,
                         f"--workdir={tmp_path / 'one'}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)

@@ -115,10 +115,44 @@ def stack(trees):
   return jax.tree.map(lambda *l: jnp.stack(l), *trees)
 
 
+def plain_dcor(x, s):
+  """dCor(x, s) written out: distance matrices, double centring, the V-statistics."""
+  def centred(a):
+    a = a.reshape(a.shape[0], -1)
+    d = jnp.sqrt(jnp.sum((a[:, None, :] - a[None, :, :]) ** 2, -1) + 1e-30)
+    d = d * (1 - jnp.eye(a.shape[0]))
+    return d - d.mean(0)[None, :] - d.mean(1)[:, None] + d.mean()
+  a, b = centred(x), centred(s)
+  return jnp.sqrt(jnp.mean(a * b) / jnp.sqrt(jnp.mean(a * a) * jnp.mean(b * b)))
+
+
+def plain_upload(cfg, key, stream_step, k, s):
+  """What client k uploads at its stream step: s + noise (sigma fixed or from the SNR),
+  then k-bit per-sample quantisation; the noise from the documented stream
+  fold_in(fold_in(fold_in(key, 4), stream step), client)."""
+  if cfg.noise_std or cfg.noise_snr_db is not None:
+    sigma = (cfg.noise_std if cfg.noise_snr_db is None
+             else jnp.sqrt(jnp.mean(s ** 2) / 10 ** (cfg.noise_snr_db / 10)))
+    k_noise = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 4), stream_step), k)
+    s = s + sigma * jax.random.normal(k_noise, s.shape)
+  if cfg.quantize_bits:
+    rows = []
+    for sample in s:
+      lo, hi = sample.min(), sample.max()
+      step = (hi - lo) / (2 ** cfg.quantize_bits - 1)
+      rows.append(lo + jnp.round((sample - lo) / step) * step)
+    s = jnp.stack(rows)
+  return s
+
+
 def client_grads(cfg, lower, dec, aux, x, y, g_s, MODEL=MODEL):
-  """A client's gradients: VJP of the download + mu * MI loss + w_ce * aux-head CE."""
+  """A client's gradients: VJP of the download + mu * MI loss + w_ce * aux-head CE
+  + NoPeek's weight * dCor(x, s)."""
   _, lower_vjp = jax.vjp(lambda w: apply(MODEL.lower, w, x), lower)
   (g_lower,) = lower_vjp(g_s)
+  if cfg.nopeek_weight:
+    g_np = jax.grad(lambda w: plain_dcor(x, apply(MODEL.lower, w, x)))(lower)
+    g_lower = jax.tree.map(lambda a, b: a + cfg.nopeek_weight * b, g_lower, g_np)
   g_dec = jax.tree.map(jnp.zeros_like, dec)
   g_aux = jax.tree.map(jnp.zeros_like, aux)
   if cfg.local_loss:
@@ -194,7 +228,7 @@ def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
                                          data.idx_CxM, data.sizes_C, cfg.batch_size))[k]
         x_k = jnp.asarray(data.train_x)[idx_k].astype(jnp.float32) / 255.0
         y_k = jnp.asarray(data.train_y)[idx_k]
-        s_k = apply(MODEL.lower, lower, x_k)
+        s_k = plain_upload(cfg, key, step * turns[k] + t, k, apply(MODEL.lower, lower, x_k))
         loss, (g_upper, g_s) = jax.value_and_grad(
             lambda w, s: ce(apply(MODEL.upper, w, s), y_k), argnums=(0, 1))(upper, s_k)
         turn_losses.append(float(loss))
@@ -208,7 +242,8 @@ def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
     return ({"upper": upper, "lower": stack(new_lowers), "decoder": stack(new_decs),
              "aux_head": stack(new_auxs)}, {"loss_real": sum(delta * np.asarray(losses))})
 
-  smashed = [apply(MODEL.lower, lowers[k], xs[k]) for k in range(C)]
+  smashed = [plain_upload(cfg, key, step, k, apply(MODEL.lower, lowers[k], xs[k]))
+             for k in range(C)]
   own_loss = lambda w, k: (lambda s: ce(apply(MODEL.upper, w, s), ys[k]))
   g = [None] * C
   if cfg.server_mode == "single":
@@ -291,6 +326,10 @@ ALGOS.update({
     "sl_turn_3": dict(base="sl", sl_turn_steps=3),     # fixed turns, past client 1's epoch
     "sglr_phi_1": dict(base="sglr", gradmix_fraction=1.0),
 })
+# The privacy defences (noise by SNR or sigma, quantisation, NoPeek) on every algorithm.
+DEFENCES = dict(noise_snr_db=10.0, quantize_bits=4, nopeek_weight=0.5)
+ALGOS.update({f"{name}_defended": dict(base=name, **DEFENCES) for name in lfmjax.ALGORITHMS})
+ALGOS["psl_noise_std"] = dict(base="psl", noise_std=0.3)
 
 
 @pytest.mark.parametrize("name", list(ALGOS))

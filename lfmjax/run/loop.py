@@ -23,10 +23,11 @@ from lfmjax import accounting, algorithms
 from lfmjax.checkpoint import (CheckpointError, Checkpoints, check_workdir, checkpoint_steps,
                                partition_fingerprint)
 from lfmjax.data import client_table, holdout, load_dataset, make_partition
-from lfmjax.evaluate import eval_client_ids, make_evaluate, pad_to_chunks
+from lfmjax.evaluate import (eval_client_ids, make_evaluate, make_leakage_probe,
+                             pad_to_chunks, probe_size)
 from lfmjax.mesh import (Placement, jit_sharded, make_mesh, make_placement, pad_data,
                          pad_state, padded_num_clients, padded_round, put_global,
-                         real_clients)
+                         real_clients, real_data)
 from lfmjax.models import get_model
 from lfmjax.models.patch_conv import compiler_options
 from lfmjax.round import make_multi_step, make_round_step
@@ -59,13 +60,14 @@ class PlacedRun:
   multi_step: Any    # (state, data) -> (state, metrics stacked over `chunk` iterations)
   single_step: Any   # the same for one iteration
   evaluate: Any      # (state, weights_C, client_ids, test) -> {'accuracy', 'loss'}
+  leakage: Any = None  # (state, data) -> dCor(x, u) per client (seeds x C), or None
 
 
 def place_run(cfg, model, mesh, num_seeds: int, state: RoundState, seed: int, x_example,
-              data_host, chunk: int) -> PlacedRun:
+              data_host, chunk: int, probe: int = 0) -> PlacedRun:
   """The state (`state` is seed `seed`'s; S seeds stacked when S > 1, clients padded to
   the mesh) and the data put on `mesh`, and the round, multi-step and evaluation
-  programs for them."""
+  programs for them (with the leakage probe of `probe` samples per client, if any)."""
   num_padded = padded_num_clients(cfg.num_clients, mesh.size)
   states = [state] + [init_state(cfg, model, jax.random.PRNGKey(seed + i), x_example)
                       for i in range(1, num_seeds)]
@@ -82,14 +84,20 @@ def place_run(cfg, model, mesh, num_seeds: int, state: RoundState, seed: int, x_
     c = cfg.num_clients
     return evaluate_one(real_clients(cfg, state), weights_C[:c], client_ids, test)
 
+  leakage = None
+  if probe:
+    dcor = make_leakage_probe(cfg, model, probe)
+    leakage = lambda state, data: dcor(real_clients(cfg, state), real_data(cfg, data))
   if num_seeds > 1:
     step_fn = over_seeds(cfg, step_fn)
     evaluate_real = jax.vmap(evaluate_real, in_axes=(0, None, None, None))
+    leakage = leakage and jax.vmap(leakage, in_axes=(0, None))
   return PlacedRun(
       state=state, data=data, placement=placement,
       multi_step=jit_sharded(make_multi_step(step_fn, chunk, jit=False), placement),
       single_step=jit_sharded(make_multi_step(step_fn, 1, jit=False), placement),
-      evaluate=jax.jit(evaluate_real, compiler_options=compiler_options()))
+      evaluate=jax.jit(evaluate_real, compiler_options=compiler_options()),
+      leakage=leakage and jax.jit(leakage, compiler_options=compiler_options()))
 
 
 def over_seeds(cfg, step_fn):
@@ -240,7 +248,7 @@ def prepare(config, log: Callable) -> Prepared:
       config.downlink_bytes_per_s))
   log(accounting.describe(ledger, latency))
   run = place_run(cfg, model, mesh, config.num_seeds, state, config.seed, x_example, data,
-                  config.steps_per_dispatch)
+                  config.steps_per_dispatch, probe_size(config.privacy.probe_size, sizes_C))
   chunks = lambda x, y: put_global(pad_to_chunks(x, y, min(config.eval_chunk, len(y))),
                                    (run.placement.replicated,) * 3)
   test = chunks(dataset.test_x, dataset.test_y)
@@ -332,7 +340,8 @@ def run_loop(config, prep: Prepared, wd: Workdir, progress: Progress, t_start: f
       if step % config.eval_every == 0 or step == config.num_iterations:
         record = evaluation_record(run.evaluate, state, run.data, prep.client_ids, prep.test,
                                    window, step, prep.epochs_per_iteration,
-                                   wd.wall_before + time.perf_counter() - t_start, prep.val)
+                                   wd.wall_before + time.perf_counter() - t_start, prep.val,
+                                   run.leakage)
         record.update(prep.ledger.totals(step), latency_s=round(prep.latency.total(step), 6))
         if step % config.eval_every == 0:  # an end-of-run evaluation keeps the window
           window = []

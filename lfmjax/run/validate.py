@@ -94,6 +94,7 @@ MAX_STEPS = 2**31 - 1     # the step counter is int32
 MAX_CHUNK = 100_000       # steps a dispatch stacks metrics for; test samples a batch
 MAX_MIXED = 64            # SmashMix batches per client (n_s C B samples at the server)
 MAX_CLASSES_PER_CLIENT = 10
+MAX_PROBE = 4096          # dCor's probe: a probe x probe distance matrix per client
 
 
 def check_sizes(need, config) -> None:
@@ -115,6 +116,8 @@ def check_sizes(need, config) -> None:
   need(config.samples_per_client >= 1, "samples_per_client", "must be at least 1")
   need(config.validation_size >= 0, "validation_size",
        "must be >= 0 train images held out (0: no validation split)")
+  need(0 <= config.privacy.probe_size <= MAX_PROBE, "privacy.probe_size",
+       f"samples per client for dCor at evaluations: 0 (off) to {MAX_PROBE}")
 
 
 def check_distributed(need, config) -> None:
@@ -161,7 +164,8 @@ def check_optimisation(need, config) -> None:
 # input pipeline sits under `input`.
 _CONFIG_FIELD = {"server_mode": "algorithm", "client_gradient": "algorithm",
                  **{f: f"input.{f}" for f in ("resize_to", "channels", "normalize", "mean",
-                                               "std")}}
+                                               "std")},
+                 **{f: f"privacy.{f}" for f in algorithms.PRIVACY_FIELDS}}
 
 
 def spec(config) -> algorithms.RoundConfig:

@@ -22,7 +22,8 @@ class MetricsWriter:
   EVAL_FIELDS = ("iteration", "epoch", "test_accuracy", "test_loss", "val_accuracy",
                  "val_loss", "loss_real",
                  "loss_mix", "loss_local", "loss_aux", "train_accuracy", "lr_client",
-                 "lr_server", "bytes_up", "bytes_down", "latency_s", "wall_s")
+                 "lr_server", "dcor", "dcor_std", "grad_cosine", "grad_cosine_std",
+                 "bytes_up", "bytes_down", "latency_s", "wall_s")
 
   def __init__(self, workdir: str | None, algorithm: str = "run"):
     self.workdir = workdir
@@ -84,11 +85,30 @@ def plot_accuracy(evals: list[dict], path: str) -> None:
   plt.close(fig)
 
 
-def mean_metrics(stacked: dict) -> dict[str, float]:
+PER_CLIENT = "_clients"  # a train metric with one value per client (last axis)
+
+
+def mean_metrics(stacked: dict) -> dict[str, Any]:
   """Each train metric averaged over the window; the learning rates (`lr_*`) as of its
-  last iteration, the rate the evaluated model was last stepped with."""
-  return {k: float(np.mean(v[-1] if k.startswith("lr_") else v))
-          for k, v in jax.device_get(stacked).items()}
+  last iteration, the rate the evaluated model was last stepped with. A per-client
+  metric `NAME_clients` gives each client's mean over the window (and seeds) as
+  `NAME_clients`, and their mean and spread over clients as `NAME` and `NAME_std`."""
+  out = {}
+  for k, v in jax.device_get(stacked).items():
+    v = np.asarray(v)
+    if k.endswith(PER_CLIENT):
+      out.update(per_client_summary(k[:-len(PER_CLIENT)],
+                                    v.reshape(-1, v.shape[-1]).mean(axis=0)))
+    else:
+      out[k] = float(np.mean(v[-1] if k.startswith("lr_") else v))
+  return out
+
+
+def per_client_summary(name: str, values_C) -> dict[str, Any]:
+  """{name: mean over clients, name_std: their spread, name_clients: each client's}."""
+  values_C = np.asarray(values_C, np.float64)
+  return {name: float(values_C.mean()), f"{name}_std": float(values_C.std()),
+          f"{name}{PER_CLIENT}": [round(float(v), 6) for v in values_C]}
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -137,16 +157,20 @@ def resume(checkpoints: Checkpoints, state: RoundState, fingerprint: str,
 
 
 def evaluation_record(evaluate, state: RoundState, data, client_ids, test, train_window,
-                      step: int, epochs_per_iteration: float, wall_s: float, val=None
-                      ) -> dict[str, Any]:
+                      step: int, epochs_per_iteration: float, wall_s: float, val=None,
+                      leakage=None) -> dict[str, Any]:
   """Test (and, with a held-out validation split `val`, validation) accuracy and loss,
-  the mean over seeds with each seed's and the spread when there are several, and the
-  train metrics averaged since the last evaluation."""
+  the mean over seeds with each seed's and the spread when there are several, the
+  leakage dCor(x, u) per client (mean over seeds) with its mean and spread over
+  clients, and the train metrics averaged since the last evaluation."""
   record = {"type": "eval", "iteration": step,
             "epoch": round(step * epochs_per_iteration, 4)}
   for split, chunks in (("test", test), ("val", val)):
     if chunks is not None:
       record.update(split_scores(split, evaluate(state, data.weights_C, client_ids, chunks)))
+  if leakage is not None:
+    dcor = np.asarray(jax.device_get(leakage(state, data)))
+    record.update(per_client_summary("dcor", dcor.reshape(-1, dcor.shape[-1]).mean(axis=0)))
   train = mean_metrics(joined_window(train_window))
   return {**record, **train, "wall_s": round(wall_s, 2)}
 

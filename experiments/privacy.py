@@ -1,0 +1,142 @@
+"""Privacy: what each algorithm leaks, and what the defences cost (issue 17).
+
+    python experiments/privacy.py --setting sglr_resnet16 --clients 10 \
+        --iterations 625 --eval_every 125 --eval_clients 2       # hours
+    python experiments/privacy.py --quick                         # minutes
+
+Every run is trained as the other experiments train it (its workdir named by its config,
+so the eight algorithms' runs are shared with scalability.py's at the same C), then
+attacked at its last checkpoint by `lfmjax.attack` (an honest-but-curious server's
+inverse network, trained on train images no client holds, scored on test images).
+Runs:
+  * the eight algorithms;
+  * LocFedMix-SL with the Loc weight mu in {0, 0.5, 1, 2} (mu = 1 is the preset);
+  * LocFedMix-SL with each defence at three strengths: Gaussian noise at a target SNR,
+    NoPeek's dCor weight, and k-bit quantisation of the smashed data.
+Writes `results/privacy_<setting>/privacy_<setting>.csv` (accuracy, PSNR, SSIM, MSE,
+reconstruction cross-entropy and dCor, each mean and spread over the attacked lowers)
+and the frontier plots `privacy_<setting>_psnr.png` and `..._dcor.png`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import common
+from lfmjax import attack
+
+ALGORITHMS = ("sl", "psl", "sfl_v1", "sfl_v2", "locsplitfed", "locfedmix", "sglr", "mix2sfl")
+MU = (0.0, 0.5, 2.0)                 # and 1.0, the locfedmix run
+DEFENCES = {                         # privacy.FIELD: three strengths, weak to strong
+    "noise_snr_db": (20.0, 10.0, 0.0),
+    "nopeek_weight": (0.3, 1.0, 3.0),
+    "quantize_bits": (8, 4, 2),
+}
+
+
+def make_runs(args) -> list[common.Run]:
+  iterations = args.iterations or (4 if args.quick else 625)
+  clients = args.clients or (2 if args.quick else 10)
+  runs = []
+
+  def add(name, labels, algorithm, **privacy):
+    config = common.make_config(args, algorithm, clients, iterations)
+    if "mu" in labels:
+      config.local_loss_weight = labels["mu"]
+    for field, value in privacy.items():
+      config.privacy[field] = value
+    runs.append(common.Run(name, {"variant": name, "algorithm": algorithm,
+                                  "clients": clients, **labels}, config))
+
+  for algorithm in ALGORITHMS:
+    add(algorithm, {}, algorithm)
+  for mu in MU:
+    add(f"locfedmix_mu{mu:g}", {"mu": mu}, "locfedmix")
+  for field, strengths in DEFENCES.items():
+    for value in strengths:
+      add(f"locfedmix_{field}_{value:g}", {"defence": field, "strength": value}, "locfedmix",
+          **{field: value})
+  if args.variants:
+    keep = set(args.variants.split(","))
+    runs = [r for r in runs if r.name in keep]
+  return runs
+
+
+def attack_settings(args):
+  settings = attack.attack_config()
+  if args.quick:
+    settings.update(num_steps=10, batch_size=16, hidden=8, num_test=50, aux_size=50,
+                    grid=4, dcor_size=50)
+  else:
+    settings.update(num_steps=args.attack_steps, hidden=args.attack_hidden,
+                    batch_size=32, num_test=1000, aux_size=5000)
+  return settings
+
+
+def attacked(workdir: str, settings) -> dict:
+  """The run's attack report, made now unless attack.json holds one with these settings
+  at the run's last checkpoint (so the script resumes where it stopped)."""
+  path = os.path.join(workdir, "attack.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      report = json.load(f)
+    from lfmjax.checkpoint import checkpoint_steps
+    if (report.get("settings") == settings.to_dict()
+        and report.get("iteration") == checkpoint_steps(workdir)[-1]):
+      return report
+  return attack.run_attack(workdir, settings, log=lambda *a: print(*a, flush=True))
+
+
+SCORES = ("psnr", "ssim", "mse", "cross_entropy", "dcor")
+
+
+def main(argv=None):
+  p = common.common_flags(__doc__.splitlines()[0])
+  p.add_argument("--clients", type=int, default=None)
+  p.add_argument("--variants", default=None,
+                 help="comma-separated run names to keep, e.g. psl,locfedmix_mu0")
+  p.add_argument("--attack_steps", type=int, default=500, help="the inverse network's steps")
+  p.add_argument("--attack_hidden", type=int, default=32, help="its channels")
+  args = p.parse_args(argv)
+  name = f"privacy_{args.setting}" + ("_quick" if args.quick else "")
+  base = args.out or common.RESULTS
+  runs = make_runs(args)
+  trained = common.run_all(name, runs, args.out, csv_name=f"{name}_runs",
+                           extend_from=args.extend_from)
+  settings = attack_settings(args)
+  rows = []
+  for run, row in zip(runs, trained):
+    report = attacked(os.path.normpath(os.path.join(base, name, row["workdir"])), settings)
+    rows.append({**row, **{k: round(report[k], 4) for k in SCORES},
+                 **{f"{k}_std": round(report[f"{k}_std"], 4) for k in SCORES},
+                 "attacked_lowers": len(report["targets"]),
+                 "attack_s": report["attack_s"]})
+    common.write_csv(os.path.join(base, name, f"{name}.csv"), rows)
+  for score, label in (("psnr", "attack PSNR (dB, higher leaks more)"),
+                       ("dcor", "dCor(x, u) (higher leaks more)")):
+    plot_frontier(os.path.join(base, name, f"{name}_{score}.png"), rows, score, label,
+                  f"{args.setting}, C = {rows[0]['clients']}: accuracy against leakage")
+  return rows
+
+
+def plot_frontier(path, rows, score, label, title):
+  """Accuracy against one leakage score, a point per run with its spreads."""
+  with common.figure(path, figsize=(7, 4.5)) as (fig, ax):
+    for row in rows:
+      family = row.get("defence") or ("locfedmix (mu)" if row.get("mu") not in (None, "")
+                                      else "algorithm")
+      marker = {"algorithm": "o", "locfedmix (mu)": "s", "noise_snr_db": "v",
+                "nopeek_weight": "^", "quantize_bits": "D"}.get(family, "o")
+      ax.errorbar(float(row[score]), float(row["test_accuracy"]),
+                  xerr=float(row[f"{score}_std"]), yerr=float(row["test_accuracy_std"]),
+                  fmt=marker, markersize=4, capsize=2)
+      ax.annotate(row["variant"], (float(row[score]), float(row["test_accuracy"])),
+                  fontsize=5, xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel(label)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+if __name__ == "__main__":
+  main()
