@@ -53,7 +53,7 @@ def attack_config() -> ml_collections.ConfigDict:
   c.num_steps = 1000       # Adam steps of each inverse network
   c.batch_size = 64        # auxiliary images a step
   c.learning_rate = 1e-3   # Adam's rate
-  c.hidden = 64            # channels (units, for flat smashed data) of the inverse network
+  c.hidden = 32            # channels (units: 16x, for flat smashed data) of the inverse network
   c.layers = 2             # hidden layers (the Loc decoder has 1 of 12 channels)
   c.num_test = 1000        # test images reconstructed and scored
   c.grid = 8               # test images shown in attack.png
