@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lfmjax import attack
-from test_cli import ROOT, synthetic_fmnist, tiny_config  # noqa: F401 (a fixture)
+from test_cli import ROOT, tiny_config, write_synthetic_fmnist
 
 
 def smooth_images(n: int, side: int = 12, seed: int = 0) -> np.ndarray:
@@ -64,13 +64,15 @@ def test_reconstruction_scores_of_a_perfect_and_a_grey_guess():
   np.testing.assert_allclose(grey["mse"], jnp.mean((0.5 - x) ** 2, axis=(1, 2, 3)), rtol=1e-5)
 
 
-@pytest.fixture
-def finished_run(synthetic_fmnist, tmp_path):
-  """A tiny run (3 clients, PSL: each its own lower) with 100 train images held out."""
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A tiny run (3 clients, PSL: each its own lower) with 100 train images held out,
+  trained once for the tests below."""
   from lfmjax.train import train
-  config = tiny_config(synthetic_fmnist, algorithm="psl", num_iterations=4,
-                       validation_size=100, eval_clients=2)
-  workdir = str(tmp_path / "run")
+  data = write_synthetic_fmnist(tmp_path_factory.mktemp("data"))
+  config = tiny_config(data, algorithm="psl", num_iterations=4, validation_size=100,
+                       eval_clients=2)
+  workdir = str(tmp_path_factory.mktemp("runs") / "run")
   train(config, workdir, quiet=True)
   return workdir
 

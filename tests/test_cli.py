@@ -43,6 +43,10 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 @pytest.fixture
 def synthetic_fmnist(tmp_path) -> Path:
   """A small idx-format dataset whose class is visible in the image (learnable)."""
+  return write_synthetic_fmnist(tmp_path)
+
+
+def write_synthetic_fmnist(tmp_path: Path) -> Path:
   rng = np.random.default_rng(0)
   for split, n in (("train", 600), ("t10k", 200)):
     y = rng.integers(0, 10, n).astype(np.uint8)
