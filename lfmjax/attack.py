@@ -263,9 +263,9 @@ def attack_targets(config, cfg, state, clients: int = 0) -> Targets:
 
 
 def restore_run(workdir: str):
-  """(config, RoundConfig, model, dataset, the latest checkpoint's state, its step)."""
-  from lfmjax.checkpoint import CheckpointError, Checkpoints, checkpoint_steps
-  from lfmjax.run.loop import prepare, build_model
+  """(config, RoundConfig, the dataset, the latest checkpoint's state, its step)."""
+  from lfmjax.checkpoint import Checkpoints, checkpoint_steps
+  from lfmjax.run.loop import load_config_dataset, prepare
   from lfmjax.run.validate import validate
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
@@ -277,26 +277,24 @@ def restore_run(workdir: str):
                       f"checkpoint_every > 0 until it saves one")
   config = config_from_json(path)
   validate(config)
-  prep = prepare(config, lambda *a: None)
+  dataset = load_config_dataset(config)
+  prep = prepare(config, lambda *a: None, dataset)
   checkpoints = Checkpoints(workdir, config.keep_checkpoints)
   try:
     state, _ = checkpoints.restore(steps[-1], prep.run.state)
   finally:
     checkpoints.close()
-  return config, prep.cfg, state, steps[-1]
+  return config, prep.cfg, dataset, state, steps[-1]
 
 
 def run_attack(workdir: str, settings, log=print) -> dict:
   """Attacks the run in `workdir` at its latest checkpoint; writes attack.json and
   attack.png there and returns the report."""
-  from lfmjax.data import load_dataset
   from lfmjax.models.util import apply_module
   from lfmjax.run.loop import build_model
   check_settings(settings)
   t0 = time.perf_counter()
-  config, cfg, state, step = restore_run(workdir)
-  dataset = load_dataset(config.dataset, config.data_dir, download=config.data_download,
-                         verify=config.data_verify)
+  config, cfg, dataset, state, step = restore_run(workdir)
   aux = auxiliary_images(config, dataset)
   if settings.aux_size > len(aux):
     raise AttackError(

@@ -224,10 +224,16 @@ def build_model(config, dataset):
     raise ConfigError(f"config.model={config.model!r} / config.model_overrides: {e}") from None
 
 
-def prepare(config, log: Callable) -> Prepared:
-  """Data, partition, model, initial state, ledger and the compiled programs on the mesh."""
-  dataset = load_dataset(config.dataset, config.data_dir, download=config.data_download,
-                         verify=config.data_verify)
+def load_config_dataset(config):
+  """The dataset the config names, from where it says (or the usual places)."""
+  return load_dataset(config.dataset, config.data_dir, download=config.data_download,
+                      verify=config.data_verify)
+
+
+def prepare(config, log: Callable, dataset=None) -> Prepared:
+  """Data, partition, model, initial state, ledger and the compiled programs on the mesh
+  (`dataset`: the config's, already loaded)."""
+  dataset = dataset or load_config_dataset(config)
   dataset, val = split_validation(config, dataset)
   idx_CxM, sizes_C = client_partition(config, dataset)
   cfg = algorithms.round_config_from(config, dataset.num_classes, sizes_C)
