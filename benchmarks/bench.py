@@ -49,6 +49,7 @@ class BenchPath:
   model: str
   points: tuple[tuple[int, int], ...]
   seeds: tuple[int, ...] = ()   # lfmjax alone: these seed counts at each point
+  participants: tuple[int, ...] = ()  # lfmjax alone: these K (clients_per_round) at each point
   about: str = ""
 
 
@@ -64,10 +65,17 @@ PATHS = {
                                about="resnet16 PSL, Adam 1e-3, batch 8 (SGLR's split)"),
     "seeds": BenchPath("locfedmix", "adam", 1e-3, "bench_cnn", ((10, 32),), seeds=(1, 4),
                    about="LocFedMix-SL, Adam: S seeds vmapped in one program"),
+    "participation": BenchPath(
+        "locfedmix", "adam", 1e-3, "bench_cnn", ((1000, 8),), participants=(100, 1000),
+        about="LocFedMix-SL, Adam, C = 1,000: K = 100 participants an iteration against "
+              "all 1,000 (samples/s counts the participants' samples)"),
+    "many_clients": BenchPath(
+        "locfedmix", "adam", 1e-3, "bench_cnn", ((10000, 8),), participants=(100,),
+        about="LocFedMix-SL, Adam: 10,000 stateful clients, K = 100 an iteration"),
 }
 
 
-def round_config(path: BenchPath, clients: int, batch: int):
+def round_config(path: BenchPath, clients: int, batch: int, clients_per_round=None):
   """The path's RoundConfig, built the way a run's is: base_config's defaults (mu = 1,
   one SmashMix batch, Beta(2, 2), FedAvg every iteration) with the path's algorithm and
   optimiser on both sides."""
@@ -79,6 +87,7 @@ def round_config(path: BenchPath, clients: int, batch: int):
   config.batch_size = batch
   config.client_optimizer = path.optimizer
   config.client_lr = path.lr
+  config.clients_per_round = clients_per_round
   return round_config_from(config, NUM_CLASSES)
 
 
@@ -86,8 +95,10 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def run_point(path: BenchPath, clients: int, batch: int, iters: int, seeds: int = 1) -> dict:
-  """One lfmjax point in this process: compile time, then `iters` timed iterations."""
+def run_point(path: BenchPath, clients: int, batch: int, iters: int, seeds: int = 1,
+              clients_per_round: int | None = None) -> dict:
+  """One lfmjax point in this process: compile time, then `iters` timed iterations
+  (samples/s counts the participants' samples: K x batch an iteration)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -96,7 +107,7 @@ def run_point(path: BenchPath, clients: int, batch: int, iters: int, seeds: int 
   from lfmjax.round import make_round_step
   from lfmjax.state import init_state, make_data
 
-  cfg = round_config(path, clients, batch)
+  cfg = round_config(path, clients, batch, clients_per_round)
   model = get_model(path.model, num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE)
   per_client = 2 * batch
   rng = np.random.default_rng(0)  # values do not affect the speed
@@ -123,8 +134,10 @@ def run_point(path: BenchPath, clients: int, batch: int, iters: int, seeds: int 
     state, metrics = compiled(state, data)
   jax.block_until_ready((state, metrics))
   dt = (time.perf_counter() - t0) / iters
-  return {"clients": clients, "batch": batch, "seeds": seeds, "iter_ms": round(dt * 1e3, 2),
-          "samples_per_s": round(seeds * clients * batch / dt, 1),
+  participants = cfg.num_participants
+  return {"clients": clients, "batch": batch, "seeds": seeds,
+          "clients_per_round": participants, "iter_ms": round(dt * 1e3, 2),
+          "samples_per_s": round(seeds * participants * batch / dt, 1),
           "compile_s": round(compile_s, 2), "peak_rss_mib": round(peak_rss_mib(), 1),
           "iters": iters, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
@@ -167,12 +180,13 @@ def commands(name: str, path: BenchPath, clients: int, batch: int, iters: int,
   """The (side, command) pairs of one point, in the order they run."""
   sides = []
   for seeds in path.seeds or (1,):
-    side = f"jax x{seeds}" if path.seeds else "jax"
-    sides.append((side, [sys.executable, str(Path(__file__).resolve()), "--path", name,
-                         "--clients",
-                         str(clients), "--batch", str(batch), "--iters", str(iters),
-                         "--seeds", str(seeds), "--json"]))
-  if torch_script is not None and not path.seeds:
+    for k in path.participants or (None,):
+      side = (f"jax x{seeds}" if path.seeds else f"jax K={k}" if k else "jax")
+      sides.append((side, [sys.executable, str(Path(__file__).resolve()), "--path", name,
+                           "--clients", str(clients), "--batch", str(batch), "--iters",
+                           str(iters), "--seeds", str(seeds), "--json"]
+                    + (["--clients_per_round", str(k)] if k else [])))
+  if torch_script is not None and not path.seeds and not path.participants:
     sides.append(("torch", [sys.executable, str(torch_script), "--clients", str(clients),
                             "--batch", str(batch), "--iters", str(iters), "--algo",
                             path.algo, "--model", path.model, "--optimizer", path.optimizer,
@@ -207,6 +221,9 @@ def summarise(name: str, clients: int, batch: int, runs: dict) -> dict:
   path = PATHS[name]
   jax_side = f"jax x{max(path.seeds)}" if path.seeds else "jax"
   ref_side = f"jax x{min(path.seeds)}" if path.seeds else "torch"
+  if path.participants:  # K participants against the largest K (all clients)
+    jax_side, ref_side = (f"jax K={min(path.participants)}",
+                          f"jax K={max(path.participants)}")
   row = {"path": name, "clients": clients, "batch": batch,
          "jax_samples_per_s": med(jax_side, "samples_per_s"),
          "ref_samples_per_s": med(ref_side, "samples_per_s"), "reference": ref_side,
@@ -219,6 +236,8 @@ def summarise(name: str, clients: int, batch: int, runs: dict) -> dict:
                         for j, r in pairs]
   row["ratio"] = (round(row["jax_samples_per_s"] / row["ref_samples_per_s"], 2)
                   if row["ref_samples_per_s"] else None)
+  if path.participants and len(path.participants) > 1:  # the cost of an iteration
+    row["iter_ms_ratio"] = round(med(jax_side, "iter_ms") / med(ref_side, "iter_ms"), 3)
   return row
 
 
@@ -236,6 +255,16 @@ def check_targets(rows: list[dict]) -> list[tuple[str, bool | None]]:
     elif r["path"] == "seeds" and r["ratio"] is not None:
       checks.append((f"4 seeds in one program at {r['clients']} x {r['batch']}: samples/s "
                      f"of all seeds >= 0.9x one seed's ({r['ratio']:.2f}x)", r["ratio"] >= 0.9))
+    elif r["path"] == "participation" and "iter_ms_ratio" in r:
+      k, c = min(PATHS["participation"].participants), r["clients"]
+      checks.append((f"an iteration of K = {k} of {c} clients costs about a tenth of all "
+                     f"{c} ({r['iter_ms_ratio']:.3f}x; target <= 0.15x)",
+                     r["iter_ms_ratio"] <= 0.15))
+    elif r["path"] == "many_clients":
+      mem = r["jax_peak_rss_mib"]
+      checks.append((f"{r['clients']:,} stateful clients, K = 100: "
+                     f"{r['jax_samples_per_s']:.0f} samples/s, peak memory "
+                     f"{mem / 1024:.2f} GiB < 8 GiB", mem < 8 * 1024))
   big, ten, one = (by.get(("locfedmix_adam", c)) for c in (1000, 10, 1))
   if big and ten:
     s1000, s10 = big["jax_samples_per_s"], ten["jax_samples_per_s"]
@@ -295,6 +324,8 @@ def main(argv=None) -> int:
   p.add_argument("--clients", type=int, help="one point: number of clients")
   p.add_argument("--batch", type=int, help="one point: batch per client")
   p.add_argument("--seeds", type=int, default=1, help="one point: seeds in one program")
+  p.add_argument("--clients_per_round", type=int, default=None,
+                 help="one point: K participants an iteration (default: all clients)")
   p.add_argument("--json", action="store_true", help="one point: print one JSON line")
   p.add_argument("--iters", type=int, default=5, help="timed iterations per run")
   p.add_argument("--paths", default=",".join(PATHS), help="table mode: paths to measure")
@@ -311,8 +342,10 @@ def main(argv=None) -> int:
   if a.clients is not None:
     if a.clients < 1 or a.batch < 1:
       raise SystemExit("error: --clients and --batch must be at least 1")
+    if a.clients_per_round is not None and not 1 <= a.clients_per_round <= a.clients:
+      raise SystemExit("error: --clients_per_round must lie in [1, --clients]")
     result = run_point(PATHS[a.path or "locfedmix_adam"], a.clients, a.batch, a.iters,
-                       a.seeds)
+                       a.seeds, a.clients_per_round)
     print(json.dumps(result) if a.json else
           f"{a.clients} x {a.batch}: {result['samples_per_s']:.1f} samples/s, "
           f"{result['iter_ms']:.1f} ms/iter, compile {result['compile_s']:.2f} s, "

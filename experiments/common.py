@@ -208,7 +208,9 @@ def listed_runs(base: str, experiment: str) -> list[tuple[dict, str]]:
 
 # Config groups added after runs were committed: left out of the digest while at their
 # defaults, so those runs keep their workdir names.
-LATER_GROUPS = ("privacy",)
+LATER_GROUPS = ("privacy", "devices")
+# Top-level fields added after runs were named: left out of the digest at their defaults.
+LATER_FIELDS = ("clients_per_round", "participant_sampling", "dropout_prob", "deadline_s")
 
 
 def config_digest(config) -> str:
@@ -217,9 +219,9 @@ def config_digest(config) -> str:
   fields = json.loads(config.to_json_best_effort(sort_keys=True))
   fields.pop("data_dir", None)
   defaults = json.loads(base_config().to_json_best_effort(sort_keys=True))
-  for group in LATER_GROUPS:
-    if fields.get(group) == defaults.get(group):
-      fields.pop(group, None)
+  for name in LATER_GROUPS + LATER_FIELDS:
+    if fields.get(name) == defaults.get(name):
+      fields.pop(name, None)
   return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
 
 

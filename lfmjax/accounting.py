@@ -228,3 +228,209 @@ def describe(ledger: CommLedger, latency: LatencyModel) -> str:
           f"{kib(ledger.down_per_iteration)}{sync} | simulated {latency.iteration_s * 1e3:.2f}"
           f" ms/iteration (client {latency.client_flops / 1e6:.1f} MFLOP, server "
           f"{latency.server_flops / 1e6:.1f} MFLOP)")
+
+
+# ------------------------------------------------- clients that differ, or come and go
+@dataclasses.dataclass(frozen=True)
+class ClientSeconds:
+  """What each client's participation costs in simulated time and bytes (C arrays).
+
+  `seconds_C`: from the start of an iteration until client k is done with it (its
+  compute, upload, the server, its download; LocSplitFed's clients do not wait for the
+  server; vanilla SL: its whole turn, hand-on included), on its own device.
+  `sync_C`: its FedAvg transfer, up and down. `up_C`/`down_C`: its bytes an iteration.
+  `server_s`: the server's compute an iteration, which LocSplitFed's clients overlap.
+  """
+  seconds_C: np.ndarray
+  sync_C: np.ndarray
+  up_C: np.ndarray
+  down_C: np.ndarray
+  server_s: float
+
+
+def client_seconds(cfg: RoundConfig, ledger: CommLedger, latency: LatencyModel,
+                   devices, sizes_C, server_step_flops: float, server_flops_per_s: float
+                   ) -> ClientSeconds:
+  """Per-client costs of the K-client round (`cfg`, `ledger`, `latency` are its) on the
+  clients' own `devices` (`lfmjax.devices`); `server_step_flops`: one server step on one
+  client's batch (vanilla SL steps once per mini-batch of a turn)."""
+  client_s = latency.client_flops / devices.flops_per_s
+  up_s = ledger.batch_up / devices.up_bytes_per_s
+  down_s = ledger.batch_down / devices.down_bytes_per_s
+  server_s = latency.server_flops / server_flops_per_s
+  batches = np.ones(len(client_s))
+  handoff = np.zeros(len(client_s))
+  if cfg.server_mode == "relay":
+    batches = cfg.turn_steps(np.asarray(sizes_C)).astype(np.float64)
+    handoff = np.full(len(client_s), float(ledger.handoff))
+    seconds = (batches * (client_s + up_s + down_s + server_step_flops / server_flops_per_s)
+               + handoff / devices.up_bytes_per_s + handoff / devices.down_bytes_per_s)
+  elif cfg.client_gradient == "none":
+    seconds = client_s + up_s
+  else:
+    seconds = client_s + up_s + server_s + down_s
+  sync = (ledger.sync_bytes / devices.up_bytes_per_s
+          + ledger.sync_bytes / devices.down_bytes_per_s)
+  return ClientSeconds(seconds, sync, batches * ledger.batch_up + handoff,
+                       batches * ledger.batch_down + handoff, server_s)
+
+
+def make_replay(cfg: RoundConfig, num_steps: int):
+  """`replay(keys_S, weights_C, seconds_C, start)`: the participation draws of iterations
+  [start, start + num_steps) for each seed's run key, as the round makes them
+  (`participation`): (ids S x N x K, arrived S x N x K: not dropped out, in_time
+  S x N x K: within the deadline), on the host."""
+  from lfmjax import participation
+  no_deadline = dataclasses.replace(cfg, deadline_s=None)
+  no_dropout = dataclasses.replace(cfg, dropout_prob=0.0)
+
+  def one(key, step, weights, seconds):
+    ids = participation.draw_participants(cfg, key, step, weights)
+    arrived = participation.present_participants(no_deadline, key, step, ids)
+    in_time = participation.present_participants(no_dropout, key, step, ids, seconds[ids])
+    return ids, arrived, in_time
+
+  @jax.jit
+  def draws(keys_S, weights_C, seconds_C, start):
+    steps = start + jnp.arange(num_steps, dtype=jnp.int32)
+    over_steps = jax.vmap(one, in_axes=(None, 0, None, None))
+    return jax.vmap(over_steps, in_axes=(0, None, None, None))(keys_S, steps, weights_C,
+                                                               seconds_C)
+
+  def replay(keys_S, weights_C, seconds_C, start: int):
+    return jax.device_get(draws(keys_S, jnp.asarray(weights_C),
+                                jnp.asarray(seconds_C, jnp.float32), jnp.int32(start)))
+
+  return replay
+
+
+class ParticipationAccounts:
+  """The ledger and latency of a run whose clients differ or come and go: closed forms
+  of (config, step, the draws), replayed from the seeds' run keys
+  and cached, so a resumed run counts exactly what the uninterrupted one does
+  (`make_replay`).
+
+  Per iteration and seed, over the K participants drawn, those present (arrived and in
+  time) and those late (arrived, past `deadline_s`):
+    parallel   max over the present of seconds_k; `deadline_s` if any is late (the
+               server waited that long); LocSplitFed at least the server's compute;
+    sl         the sum of the present participants' turns, plus `deadline_s` for each
+               late one (the server waited before moving on);
+    FedAvg     the slowest present participant's transfer, every T_c iterations;
+    bytes      the present participants' uploads, downloads and FedAvg transfers.
+  `saved`: the time waiting for the late ones would have cost, less the deadline.
+  With several seeds the values are their mean (`seeds` gives each)."""
+
+  CHUNK = 1024  # iterations replayed per call (one compiled shape)
+
+  def __init__(self, cfg: RoundConfig, costs: ClientSeconds, keys_S, weights_C,
+               num_clients: int, ledger: CommLedger):
+    self.cfg, self.costs, self.ledger = cfg, costs, ledger
+    self.keys = jnp.asarray(keys_S).reshape((-1,) + jnp.asarray(keys_S).shape[-1:])
+    self.weights_C = np.asarray(weights_C)
+    self.num_clients = num_clients
+    self.sync_every = ledger.sync_every
+    self._replay = make_replay(cfg, self.CHUNK) if cfg.samples_clients else None
+    empty = np.zeros((self.keys.shape[0], 0))
+    self._per_step = {name: empty for name in ("seconds", "saved", "up", "down", "present",
+                                               "late")}
+
+  def _extend(self, steps: int) -> None:
+    have = self._per_step["seconds"].shape[1]
+    while have < steps:
+      start = have
+      ids, arrived, in_time = self._draws(start)
+      stop = start + ids.shape[1]
+      for name, value in self._costs(ids, arrived, in_time, start).items():
+        self._per_step[name] = np.concatenate([self._per_step[name], value], axis=1)
+      have = stop
+
+  def _draws(self, start: int):
+    cfg, c = self.cfg, self.costs
+    if not cfg.samples_clients:  # everyone, every time
+      shape = (self.keys.shape[0], self.CHUNK, self.num_clients)
+      ids = np.broadcast_to(np.arange(self.num_clients), shape)
+      return ids, np.ones(shape, bool), np.ones(shape, bool)
+    return self._replay(self.keys, self.weights_C, c.seconds_C, start)
+
+  def _costs(self, ids, arrived, in_time, start: int) -> dict[str, np.ndarray]:
+    cfg, c = self.cfg, self.costs
+    present, late = arrived & in_time, arrived & ~in_time
+    seconds = c.seconds_C[ids]
+    masked_max = lambda mask: np.max(np.where(mask, seconds, 0.0), axis=-1)
+    if cfg.server_mode == "relay":
+      time = np.sum(np.where(present, seconds, 0.0), axis=-1)
+      waited = np.sum(np.where(arrived, seconds, 0.0), axis=-1)
+      time = time + (cfg.deadline_s or 0.0) * np.sum(late, axis=-1)
+    else:
+      time, waited = masked_max(present), masked_max(arrived)
+      time = np.where(np.any(late, axis=-1), cfg.deadline_s or 0.0, time)
+      if cfg.client_gradient == "none":
+        any_present = np.any(present, axis=-1)
+        time = np.where(any_present, np.maximum(time, c.server_s), time)
+        waited = np.where(any_present, np.maximum(waited, c.server_s), waited)
+    up = np.sum(np.where(present, c.up_C[ids], 0.0), axis=-1)
+    down = np.sum(np.where(present, c.down_C[ids], 0.0), axis=-1)
+    if self.sync_every:
+      steps = start + np.arange(ids.shape[1])
+      syncs = ((steps + 1) % self.sync_every == 0)[None, :] & np.any(present, axis=-1)
+      time = time + np.where(syncs, np.max(np.where(present, c.sync_C[ids], 0.0), axis=-1),
+                             0.0)
+      waited = waited + np.where(syncs, np.max(np.where(present, c.sync_C[ids], 0.0),
+                                               axis=-1), 0.0)
+      sync_bytes = np.where(syncs, np.sum(present, axis=-1) * self.ledger.sync_bytes, 0)
+      up, down = up + sync_bytes, down + sync_bytes
+    return {"seconds": time, "saved": np.maximum(waited - time, 0.0), "up": up,
+            "down": down, "present": np.sum(present, axis=-1).astype(np.float64),
+            "late": np.sum(late, axis=-1).astype(np.float64)}
+
+  def _sum(self, name: str, steps: int) -> np.ndarray:
+    self._extend(steps)
+    return np.sum(self._per_step[name][:, :steps], axis=1)
+
+  def present_counts(self, steps: int) -> np.ndarray:
+    """S x steps: the participants present at each of the first `steps` iterations."""
+    self._extend(steps)
+    return self._per_step["present"][:, :steps]
+
+  def seeds(self, steps: int) -> list[float]:
+    """Each seed's simulated seconds after `steps` iterations."""
+    return [round(float(v), 6) for v in self._sum("seconds", steps)]
+
+  def total(self, steps: int) -> float:
+    return float(np.mean(self._sum("seconds", steps)))
+
+  def totals(self, steps: int) -> dict[str, int]:
+    up, down = (float(np.mean(self._sum(n, steps))) for n in ("up", "down"))
+    return {"bytes_up": int(round(up)), "bytes_down": int(round(down)),
+            "bytes_up_per_client": int(round(up / self.num_clients)),
+            "bytes_down_per_client": int(round(down / self.num_clients))}
+
+  def participation(self, start: int, steps: int) -> dict[str, float]:
+    """Iterations (start, steps]: the mean participants present and late (dropped past
+    the deadline) an iteration, and the simulated seconds the deadline saved so far."""
+    self._extend(steps)
+    window = slice(start, steps)
+    return {"participants": float(np.mean(self._per_step["present"][:, window])),
+            "late": float(np.mean(self._per_step["late"][:, window])),
+            "time_saved_s": round(float(np.mean(self._sum("saved", steps))), 6)}
+
+  @property
+  def iteration_s(self) -> float:
+    """The mean simulated seconds an iteration over the first CHUNK iterations."""
+    return self.total(self.CHUNK) / self.CHUNK
+
+
+def describe_participation(cfg: RoundConfig, accounts: ParticipationAccounts,
+                           devices: str) -> str:
+  """One line: who takes part, the devices, and what an iteration costs in simulated time."""
+  seconds = accounts.costs.seconds_C
+  who = (f"{cfg.num_participants} of {cfg.num_clients} clients an iteration "
+         f"({cfg.participant_sampling})" if cfg.num_participants < cfg.num_clients
+         else f"all {cfg.num_clients} clients")
+  drops = (f", dropout {cfg.dropout_prob:g}" if cfg.dropout_prob else "") + (
+      f", deadline {cfg.deadline_s:g} s" if cfg.deadline_s is not None else "")
+  return (f"participation: {who}{drops} | devices {devices}: a participant's iteration "
+          f"{np.median(seconds) * 1e3:.2f} ms median, {np.max(seconds) * 1e3:.2f} ms slowest"
+          f" | simulated {accounts.iteration_s * 1e3:.2f} ms/iteration (mean of the first "
+          f"{accounts.CHUNK})")

@@ -75,6 +75,7 @@ SWITCH_HELP: dict[str, str] = {
 }
 
 NORMALIZATIONS = ("none", "pm1", "standard")
+PARTICIPANT_SAMPLINGS = ("uniform", "by_size")
 SERVER_MODES = ("single", "per_client", "sequential", "relay")
 CLIENT_GRADIENTS = ("own", "none")
 LOCAL_LOSS_KINDS = ("bce", "mse")
@@ -142,6 +143,11 @@ class RoundConfig:
   noise_snr_db: float | None = None       # or the sigma giving this SNR on each batch
   quantize_bits: int = 0                  # k-bit quantisation of s (0: off)
   nopeek_weight: float = 0.0              # NoPeek: weight of dCor(x, s) in the client loss
+  # Participation (`lfmjax.participation`): K of the C clients take part in an iteration.
+  clients_per_round: int | None = None    # K; None: all C
+  participant_sampling: str = "uniform"   # 'uniform' or 'by_size' (in proportion to |D_k|)
+  dropout_prob: float = 0.0               # a participant drops out of an iteration with p
+  deadline_s: float | None = None         # participants slower than this are dropped
   # Input pipeline, applied on the device to the uint8 batch.
   resize_to: int | None = None
   channels: int | None = None
@@ -184,6 +190,7 @@ class RoundConfig:
         (self.sl_turn_steps is not None and self.server_mode != "relay", "sl_turn_steps",
          "turns belong to vanilla SL (server_mode='relay'); leave it unset"),
         *self._privacy_rules(),
+        *self._participation_rules(),
         *self._input_rules(),
         *self._composition_rules(),
         *((tx is not None and not (callable(getattr(tx, "init", None))
@@ -203,6 +210,20 @@ class RoundConfig:
          f"0 (off) or 1 to {MAX_QUANTIZE_BITS} bits an element"),
         (not 0.0 <= self.nopeek_weight < math.inf, "nopeek_weight",
          "NoPeek's weight on dCor(x, s) must be >= 0"),
+    )
+
+  def _participation_rules(self):
+    k = self.clients_per_round
+    yield from (
+        (k is not None and not 1 <= k <= self.num_clients, "clients_per_round",
+         f"K participants an iteration must lie in [1, num_clients={self.num_clients}] "
+         f"(or None: all)"),
+        (self.participant_sampling not in PARTICIPANT_SAMPLINGS, "participant_sampling",
+         f"use one of {', '.join(PARTICIPANT_SAMPLINGS)}"),
+        (not 0.0 <= self.dropout_prob < 1.0, "dropout_prob",
+         "a participant's dropout probability must lie in [0, 1)"),
+        (self.deadline_s is not None and not 0.0 < self.deadline_s < math.inf, "deadline_s",
+         "a deadline must be positive seconds (or None: no deadline)"),
     )
 
   def _input_rules(self):
@@ -321,6 +342,29 @@ class RoundConfig:
     return self.sl_turn_steps or -(-width // self.batch_size)
 
   @property
+  def num_participants(self) -> int:
+    """K: the clients an iteration draws (all C unless `clients_per_round`)."""
+    return self.num_clients if self.clients_per_round is None else self.clients_per_round
+
+  @property
+  def samples_clients(self) -> bool:
+    """Whether an iteration runs on a drawn subset of the clients, or drops some."""
+    return (self.num_participants < self.num_clients or self.dropout_prob > 0
+            or self.deadline_s is not None)
+
+  def participants_config(self) -> "RoundConfig":
+    """The round of the K participants alone: C = K, everything else this config's
+    (GradMix's count, SplitLr's scale and SFL-V2's steps follow K)."""
+    return dataclasses.replace(self, num_clients=self.num_participants,
+                               clients_per_round=None)
+
+  @property
+  def may_drop(self) -> bool:
+    """Whether a participant may miss an iteration (dropout or deadline): it then weighs
+    0, and SmashMix draws partners among the others."""
+    return self.dropout_prob > 0 or self.deadline_s is not None
+
+  @property
   def num_gradmix(self) -> int:
     """Clients receiving the mixed gradient each iteration: round(phi C), at least 2."""
     if not self.gradmix:
@@ -366,7 +410,8 @@ def resolve_switches(config: Any) -> dict[str, bool]:
 
 def round_config_from(config: Any, num_classes: int, sizes_C=None) -> RoundConfig:
   """The RoundConfig an ml_collections config names: its algorithm's preset with the
-  config's fields over it (the config uses RoundConfig's names).
+  config's fields over it (the config uses RoundConfig's names). Server steps an
+  iteration count the K participants (`clients_per_round`).
 
   `sizes_C`, the clients' data sizes, fix the schedules' horizon of vanilla SL, whose
   clients and server step once per mini-batch of a turn: without them a turn counts
@@ -381,8 +426,9 @@ def round_config_from(config: Any, num_classes: int, sizes_C=None) -> RoundConfi
     if exponent is None:
       exponent = ALGORITHMS[config.algorithm]["server_lr_exponent"]
   client_steps = server_steps = config.num_iterations
+  participants = config.get("clients_per_round") or config.num_clients
   server_steps *= server_updates_per_iteration(ALGORITHMS[config.algorithm]["server_mode"],
-                                               config.num_clients)
+                                               participants)
   same_names = ("num_clients", "batch_size", "local_loss_weight", "local_loss_kind",
                 "num_mixed", "mixup_alpha", "mix_grad_to_clients", "fedavg_every",
                 "fedavg_opt_state", "averaged_clients", "gradmix_fraction")
@@ -391,13 +437,16 @@ def round_config_from(config: Any, num_classes: int, sizes_C=None) -> RoundConfi
   if ALGORITHMS[config.algorithm]["server_mode"] == "relay" and sizes_C is not None:
     steps_C = turn_steps(np.asarray(sizes_C), config.batch_size, config.sl_turn_steps)
     client_steps = config.num_iterations * int(steps_C.max())
-    server_steps = config.num_iterations * int(steps_C.sum())
+    server_steps = config.num_iterations * (  # K participants' turns, on average
+        int(steps_C.sum()) if participants == config.num_clients
+        else int(round(float(steps_C.mean()) * participants)))
+  participation = {name: config[name] for name in PARTICIPATION_FIELDS if name in config}
   privacy_fields = config.get("privacy") or {}
   defences = {name: privacy_fields[name] for name in PRIVACY_FIELDS if name in privacy_fields}
   return preset(
       config.algorithm, num_classes=num_classes,
       **{name: config[name] for name in same_names}, **resolve_switches(config), **turns,
-      **defences,
+      **defences, **participation,
       local_ce_weight=float(local_ce_weight), server_lr_exponent=float(exponent),
       client_opt=optimizer_spec(config, "client", config.client_lr, client_steps),
       server_opt=optimizer_spec(config, "server", float(server_lr), server_steps),
@@ -406,6 +455,9 @@ def round_config_from(config: Any, num_classes: int, sizes_C=None) -> RoundConfi
       std=tuple(inputs.std) if inputs.std else None)
 
 
+# RoundConfig's fields the config holds at its top level for participation.
+PARTICIPATION_FIELDS = ("clients_per_round", "participant_sampling", "dropout_prob",
+                        "deadline_s")
 # RoundConfig's fields the config holds under `privacy`.
 PRIVACY_FIELDS = ("noise_std", "noise_snr_db", "quantize_bits", "nopeek_weight")
 

@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Config fields a resumed run may change: they do not change what the run computes.
@@ -183,11 +184,37 @@ class Checkpoints:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for a damaged or foreign checkpoint
+      try:  # an older lfmjax's, holding more (the unused heads): the state's part of it
+        return self._restore_part(step, like_state)
+      except Exception:
+        pass
       raise CheckpointError(f"the checkpoint of iteration {step} in {self.directory} cannot "
                             f"be restored ({type(e).__name__}: {str(e).splitlines()[0][:200]});"
                             f" remove that step's directory to resume from an earlier one, or "
                             f"use a new --workdir") from None
     return restored.state, dict(restored.loop)
+
+  def _restore_part(self, step: int, like_state) -> tuple[Any, dict[str, Any]]:
+    """`like_state`'s leaves from a checkpoint that holds them among others: lfmjax
+    before issue 18 kept every client segment, the decoder and aux head too where the
+    round never trains them. Each leaf must match `like_state`'s shape and dtype."""
+    ocp = self._ocp
+    raw = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), loop=ocp.args.JsonRestore()))
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like_state)
+    leaves = []
+    for path, like in paths:
+      node = raw.state
+      for key in path:
+        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
+        node = node[str(name)] if isinstance(node, dict) and str(name) in node else node[name]
+      value = np.asarray(node)
+      if value.shape != like.shape or value.dtype != like.dtype:
+        raise ValueError(f"{jax.tree_util.keystr(path)}: {value.shape} {value.dtype}")
+      sharding = getattr(like, "sharding", None)
+      leaves.append(jax.device_put(value, sharding) if sharding is not None
+                    else jnp.asarray(value))
+    return jax.tree_util.tree_unflatten(treedef, leaves), dict(raw.loop)
 
   def close(self) -> None:
     if not self.closed:

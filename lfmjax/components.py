@@ -52,6 +52,19 @@ def mix_partners(key: jax.Array, num_clients: int, num_mixed: int) -> jax.Array:
   return (jnp.arange(num_clients)[:, None] + offset_CxN) % num_clients
 
 
+def present_partners(key: jax.Array, present_C: jax.Array, num_mixed: int) -> jax.Array:
+  """`mix_partners` among the present clients only (a dropped participant's upload never
+  arrives): for each client k a partner j != k drawn uniformly from the present ones,
+  k itself when it is the only one. int32 `partner_CxN`."""
+  num_clients = present_C.shape[0]
+  noise_CxNxC = jax.random.uniform(key, (num_clients, num_mixed, num_clients))
+  others_CxC = present_C[None, :] & ~jnp.eye(num_clients, dtype=bool)
+  alone_C = ~jnp.any(others_CxC, axis=1)
+  eligible_CxC = others_CxC | (alone_C[:, None] & jnp.eye(num_clients, dtype=bool))
+  scores = jnp.where(eligible_CxC[:, None, :], noise_CxNxC, -1.0)
+  return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
 def smashmix_one(key: jax.Array, s_BxS: jax.Array, y_B: jax.Array, partner_s_BxS: jax.Array,
                  partner_y_B: jax.Array, num_classes: int, alpha: float):
   """One SmashMix batch: mixes a client's smashed data with its partner's, permuted.
@@ -72,15 +85,17 @@ def smashmix_one(key: jax.Array, s_BxS: jax.Array, y_B: jax.Array, partner_s_BxS
 
 
 def smashmix(key: jax.Array, s_CxBxS: jax.Array, y_CxB: jax.Array, num_classes: int,
-             alpha: float, num_mixed: int):
+             alpha: float, num_mixed: int, present_C: jax.Array | None = None):
   """SmashMix for every client: `num_mixed` mixed batches each (manifold mixup, SPEC 4).
 
   Returns (s_mix_CxNxBxS, y_mix_CxNxBxK). Random draws come from `key` alone, so the
-  result is a pure function of (key, s, y).
+  result is a pure function of (key, s, y). `present_C`: partners are drawn among these
+  clients alone (`present_partners`); None: among all.
   """
   num_clients = s_CxBxS.shape[0]
   key_partner, key_mix = jax.random.split(key)
-  partner_CxN = mix_partners(key_partner, num_clients, num_mixed)
+  partner_CxN = (mix_partners(key_partner, num_clients, num_mixed) if present_C is None
+                 else present_partners(key_partner, present_C, num_mixed))
   keys_CxN = jax.random.split(key_mix, (num_clients, num_mixed))
 
   def per_client(keys_N, s_BxS, y_B, partner_N):

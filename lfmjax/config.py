@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   _data_fields(c)
   _model_fields(c)
   _component_fields(c)
+  _participation_fields(c)
   _optimisation_fields(c)
   _privacy_fields(c)
   _latency_fields(c)
@@ -84,6 +85,14 @@ def _component_fields(c: ml_collections.ConfigDict) -> None:
   c.sl_turn_steps = config_dict.placeholder(int)  # sl: mini-batches a turn; None: one local epoch
 
 
+def _participation_fields(c: ml_collections.ConfigDict) -> None:
+  """Participation: clients that come and go (`lfmjax.participation`)."""
+  c.clients_per_round = config_dict.placeholder(int)  # K participants an iteration; None: all C
+  c.participant_sampling = "uniform"  # uniform | by_size (in proportion to |D_k|)
+  c.dropout_prob = 0.0               # a participant drops out of an iteration with this p
+  c.deadline_s = config_dict.placeholder(float)  # participants slower (simulated s) are dropped
+
+
 def _optimisation_fields(c: ml_collections.ConfigDict) -> None:
   """Optimisation."""
   c.client_optimizer = "sgd"         # sgd | momentum | adam | adamw
@@ -118,6 +127,11 @@ def _latency_fields(c: ml_collections.ConfigDict) -> None:
   c.server_flops_per_s = 1e13        # the server's compute rate (10 TFLOP/s)
   c.uplink_bytes_per_s = 1.25e6      # client -> server (10 Mbit/s)
   c.downlink_bytes_per_s = 6.25e6    # server -> client (50 Mbit/s)
+  c.devices = ml_collections.ConfigDict()  # per-client rates (`lfmjax.devices`)
+  c.devices.distribution = "homogeneous"  # homogeneous | lognormal | trace
+  c.devices.spread = 1.0             # lognormal: sigma of log-rate; the rates above are medians
+  c.devices.trace = config_dict.placeholder(str)  # CSV: client,flops_per_s,up_bytes_per_s,down_bytes_per_s
+  c.devices.seed = config_dict.placeholder(int)   # the draw's seed; None: seed
 
 
 def _run_fields(c: ml_collections.ConfigDict) -> None:

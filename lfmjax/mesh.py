@@ -73,9 +73,10 @@ def state_specs(cfg: RoundConfig, state: RoundState, seeds: bool = False) -> Rou
                     server=jax.tree.map(lambda _: server, state.server))
 
 
-def data_specs() -> RoundData:
+def data_specs(seconds: bool = False) -> RoundData:
+  """`seconds`: the data carries each client's simulated seconds (a deadline)."""
   return RoundData(train_x=P(), train_y=P(), idx_CxM=P(CLIENTS), sizes_C=P(CLIENTS),
-                   weights_C=P(CLIENTS))
+                   weights_C=P(CLIENTS), seconds_C=P(CLIENTS) if seconds else None)
 
 
 def shardings(mesh: Mesh, specs):
@@ -102,11 +103,13 @@ def _map_client_leaves(cfg: RoundConfig, fn, state: RoundState, *others: RoundSt
                        server=over("server") if _server_is_per_client(cfg) else state.server)
 
 
-CLIENT_DATA = ("idx_CxM", "sizes_C", "weights_C")  # RoundData's client-stacked fields
+# RoundData's client-stacked fields (`ids_C` is the round's own, never placed).
+CLIENT_DATA = ("idx_CxM", "sizes_C", "weights_C", "seconds_C")
 
 
 def _map_client_data(fn, data: RoundData) -> RoundData:
-  return data.replace(**{f: fn(getattr(data, f)) for f in CLIENT_DATA})
+  return data.replace(**{f: fn(getattr(data, f)) for f in CLIENT_DATA
+                         if getattr(data, f) is not None})
 
 
 def pad_state(cfg: RoundConfig, state: RoundState, num_padded: int) -> RoundState:
@@ -191,13 +194,14 @@ class Placement:
 
 
 def make_placement(cfg: RoundConfig, state: RoundState, mesh: Mesh | None = None,
-                   seeds: bool = False) -> Placement:
-  """`state` is the padded (and seed-stacked) state whose structure the shardings take."""
+                   seeds: bool = False, seconds: bool = False) -> Placement:
+  """`state` is the padded (and seed-stacked) state whose structure the shardings take;
+  `seconds`: the data carries `seconds_C`."""
   mesh = make_mesh() if mesh is None else mesh
   return Placement(mesh=mesh,
                    num_padded=padded_num_clients(cfg.num_clients, mesh.size),
                    state=shardings(mesh, state_specs(cfg, state, seeds)),
-                   data=shardings(mesh, data_specs()),
+                   data=shardings(mesh, data_specs(seconds)),
                    replicated=NamedSharding(mesh, P()))
 
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from lfmjax import components, privacy
+from lfmjax import components, participation, privacy
 from lfmjax.algorithms import RoundConfig
 from lfmjax.data import batch_indices, client_batch_indices
 from lfmjax.models import SplitModel, apply_module, has_stem
@@ -63,7 +63,7 @@ def _apply(module, params, stats, x, train: bool, method: str | None = None):
 def sample_batch(cfg: RoundConfig, state: RoundState, data: RoundData):
   """Every client's mini-batch for this step: (x_model, x01, y), each C x B x ...."""
   idx_CxB = batch_indices(jax.random.fold_in(state.key, TAG_BATCH), state.step,
-                          data.idx_CxM, data.sizes_C, cfg.batch_size)
+                          data.idx_CxM, data.sizes_C, cfg.batch_size, ids_C=data.ids_C)
   x_model, x01 = cfg.preprocess(data.train_x[idx_CxB])
   return x_model, x01, data.train_y[idx_CxB]
 
@@ -376,7 +376,8 @@ def make_server_loss(cfg: RoundConfig, model: SplitModel):
   def mixed_loss(key_mix, params, stats, a_CxBx, y_CxB, weights_C, method):
     num_clients, batch = y_CxB.shape
     a_mix, y_mix = components.smashmix(key_mix, a_CxBx, y_CxB, cfg.num_classes,
-                                       cfg.mixup_alpha, cfg.num_mixed)
+                                       cfg.mixup_alpha, cfg.num_mixed,
+                                       weights_C > 0 if cfg.may_drop else None)
     # Mixed batches are normalised by their own statistics; the running statistics
     # follow the real batch alone.
     mix_logits, _ = _apply(model.upper, params, stats,
@@ -504,11 +505,10 @@ def upload_key(key, stream_step, client):
       jax.random.fold_in(key, privacy.TAG_NOISE), stream_step), client)
 
 
-def defend_uploads(cfg: RoundConfig, s_CxBxS, key, step):
-  """What the server receives from every client: `cfg.defend` of each upload."""
+def defend_uploads(cfg: RoundConfig, s_CxBxS, key, step, ids_C):
+  """What the server receives from every client (`ids_C`): `cfg.defend` of each upload."""
   if not cfg.defends_upload:
     return s_CxBxS
-  ids_C = jnp.arange(s_CxBxS.shape[0], dtype=jnp.int32)
   return jax.vmap(lambda s, k: cfg.defend(upload_key(key, step, k), s))(s_CxBxS, ids_C)
 
 
@@ -565,19 +565,29 @@ def make_round_step(cfg: RoundConfig, model: SplitModel, *, jit: bool = True,
   CPU the per-client loops then run per device (`map_clients`).
   `client_tx`/`server_tx`: optax transformations in place of the config's optimiser
   specs (pass the same to `init_state`).
-  The clients' phase is the one `cfg.client_phase` names, chosen there alone.
+  The clients' phase is the one `cfg.client_phase` names, chosen there alone. With
+  `clients_per_round` K < C, dropouts or a deadline, it runs on the K participants it
+  draws (`lfmjax.participation`).
   """
   cfg = with_optimizers(cfg, client_tx, server_tx)
-  if cfg.client_phase == "relay":
-    round_step = make_relay_round(cfg, model)
+  if cfg.samples_clients:  # K participants, or dropouts: the round of K, gathered
+    round_step = participation.make_participation_round(
+        cfg, make_all_clients_round(cfg.participants_config(), model, mesh))
   else:
-    split = mesh is not None and mesh.size > 1  # no loops over groups of split clients
-    phase = (make_averaged_client_phase(cfg, model, split)
-             if cfg.client_phase == "averaged" else make_per_client_phase(cfg, model, mesh))
-    round_step = make_parallel_round(cfg, model, phase, mesh)
+    round_step = make_all_clients_round(cfg, model, mesh)
   if jit:
     return jax.jit(round_step, donate_argnums=0, compiler_options=compiler_options())
   return round_step
+
+
+def make_all_clients_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None = None):
+  """The round in which every client of `cfg` takes part (weight 0: absent)."""
+  if cfg.client_phase == "relay":
+    return make_relay_round(cfg, model)
+  split = mesh is not None and mesh.size > 1  # no loops over groups of split clients
+  phase = (make_averaged_client_phase(cfg, model, split)
+           if cfg.client_phase == "averaged" else make_per_client_phase(cfg, model, mesh))
+  return make_parallel_round(cfg, model, phase, mesh)
 
 
 def average_clients(cfg: RoundConfig, clients: ClientState, weights_C) -> ClientState:
@@ -680,7 +690,7 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, clients_forward,
     x_model, x01, y_CxB = sample_batch(cfg, state, data)
     s_CxBxS, finish = clients_forward(state.clients, x_model, x01, y_CxB, data.weights_C)
     s_CxBxS = components.only_present(data.weights_C, s_CxBxS)
-    u_CxBxS = defend_uploads(cfg, s_CxBxS, state.key, state.step)
+    u_CxBxS = defend_uploads(cfg, s_CxBxS, state.key, state.step, data.client_ids())
     new_server, g_true_CxBxS, server_metrics = server_phase(
         state.server, u_CxBxS, y_CxB, data.weights_C, state.key, state.step)
     # The gradient with respect to the upload goes back as the gradient for s.
@@ -752,7 +762,7 @@ def make_relay_round(cfg: RoundConfig, model: SplitModel):
               (params, stats, opt_state, sums / jnp.maximum(n, 1)))
 
     carry = (last(clients.params["lower"]), last(clients.stats["lower"]), state.server)
-    ids_C = jnp.arange(turns_C.shape[0], dtype=jnp.int32)
+    ids_C = data.client_ids()
     (_, _, new_server), (params, stats, opt_state, means_Cx4) = jax.lax.scan(
         turn, carry, (ids_C, clients.params, clients.stats, clients.opt_state,
                       data.idx_CxM, data.sizes_C, turns_C))

@@ -59,6 +59,18 @@ class RoundData:
   idx_CxM: jax.Array   # int32 per-client index table (padded)
   sizes_C: jax.Array   # int32 |D_k|
   weights_C: jax.Array  # float32 delta_k = |D_k| / sum_j |D_j|
+  # The clients' global ids (None: 0..C-1); a round on drawn participants reads their
+  # ids here, so each client's batches and noise are its own whichever row it is in.
+  ids_C: jax.Array | None = None
+  # Seconds an iteration takes each client as a participant (`accounting`), which a
+  # deadline (`RoundConfig.deadline_s`) compares; None: no deadline can apply.
+  seconds_C: jax.Array | None = None
+
+  def client_ids(self) -> jax.Array:
+    """int32 C: the global id of each row."""
+    if self.ids_C is not None:
+      return self.ids_C
+    return jnp.arange(self.weights_C.shape[0], dtype=jnp.int32)
 
 
 def client_optimizer(cfg: RoundConfig) -> optax.GradientTransformation:
@@ -98,14 +110,22 @@ def per_client(clients: ClientState, num_clients: int) -> ClientState:
 
 
 def make_data(train_x: np.ndarray, train_y: np.ndarray, idx_CxM: np.ndarray,
-              sizes_C: np.ndarray) -> RoundData:
-  """Puts the train split and the partition on the device."""
+              sizes_C: np.ndarray, seconds_C: np.ndarray | None = None) -> RoundData:
+  """Puts the train split and the partition on the device (`seconds_C`: each client's
+  simulated seconds an iteration, for a deadline)."""
   return RoundData(
       train_x=jnp.asarray(train_x, jnp.uint8),
       train_y=jnp.asarray(train_y, jnp.int32),
       idx_CxM=jnp.asarray(idx_CxM, jnp.int32),
       sizes_C=jnp.asarray(sizes_C, jnp.int32),
-      weights_C=jnp.asarray(client_weights(sizes_C)))
+      weights_C=jnp.asarray(client_weights(sizes_C)),
+      seconds_C=None if seconds_C is None else jnp.asarray(seconds_C, jnp.float32))
+
+
+def used_segment(cfg: RoundConfig, name: str) -> bool:
+  """Whether the round trains the client segment `name` (the decoder only with Loc, the
+  aux head only with its CE term); an unused one is left out of the state."""
+  return {"decoder": cfg.uses_decoder, "aux_head": cfg.uses_aux_head}.get(name, True)
 
 
 def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,
@@ -126,6 +146,8 @@ def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,
   client_params, client_stats = {}, {}
   for name in CLIENT_MODULES:  # one copy in the averaged phase (`cfg.client_copies`)
     params, stats = split_variables(variables[name])
+    if not used_segment(cfg, name):  # held by every client: memory at 10,000 clients
+      params, stats = {}, {}
     client_params[name] = stack_clients(params, cfg.client_copies)
     client_stats[name] = stack_clients(stats, cfg.client_copies)
   opt_c = client_optimizer(cfg)

@@ -3,6 +3,7 @@ SIGKILL in the middle of a save; SIGINT/SIGTERM save and exit; a non-finite loss
 the run naming the iteration and the term; the same config gives the same metrics."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -56,17 +57,29 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("algorithm,devices", [("locfedmix", 1), ("psl", 8)])
+@pytest.mark.parametrize("algorithm,devices,extra", [
+    ("locfedmix", 1, {}), ("psl", 8, {}),
+    # 2 of 3 clients an iteration, dropouts, lognormal devices: the ledger's replay too
+    ("sfl_v1", 1, {"clients_per_round": 2, "dropout_prob": 0.3, "lognormal": 1.0})])
 def test_resumed_run_equals_uninterrupted_bit_for_bit(synthetic_fmnist, tmp_path, algorithm,
-                                                      devices):
+                                                      devices, extra):
   """psl runs its 3 clients padded to 8 on 8 devices: the sharded state round-trips."""
+  extra = dict(extra)
+  spread = extra.pop("lognormal", None)
+
+  def config_of(**fields):
+    config = tiny_config(synthetic_fmnist, algorithm=algorithm, num_devices=devices,
+                         **extra, **fields)
+    if spread is not None:
+      config.devices.distribution, config.devices.spread = "lognormal", spread
+    return config
+
   whole = tmp_path / "whole"
-  config = tiny_config(synthetic_fmnist, algorithm=algorithm, num_devices=devices)
+  config = config_of()
   train_and_evaluate(config, str(whole), quiet=True)
   split = tmp_path / "split"
   # Stopped at 6: between evaluations, so the train window crosses the checkpoint.
-  train_and_evaluate(tiny_config(synthetic_fmnist, algorithm=algorithm, num_devices=devices,
-                                 num_iterations=6), str(split), quiet=True)
+  train_and_evaluate(config_of(num_iterations=6), str(split), quiet=True)
   metrics = split / "metrics.jsonl"
   kept = [json.loads(line) for line in metrics.read_text().splitlines()]
   kept[0]["wall_s"] = 1000.0  # as if the first process took 1000 s to iteration 4
@@ -260,3 +273,29 @@ def test_fields_added_since_the_workdir_was_written_count_as_defaults():
   assert config_differences(saved, now, defaults={"new_field": 5, "nested": {"y": 2}}) == []
   assert config_differences(saved, now, defaults={"new_field": 4, "nested": {"y": 2}}) == [
       "new_field: 4 in the workdir, 5 now"]
+
+
+def test_checkpoint_with_unused_heads_restores_into_the_smaller_state(tmp_path):
+  """lfmjax before issue 18 kept the decoder and aux head of every client even where the
+  round never trains them; such a checkpoint restores into today's state, the leaves it
+  holds bit for bit, the unused heads left behind."""
+  from lfmjax.algorithms import preset
+  from lfmjax.models import get_model
+  from lfmjax.state import init_state
+  cfg = preset("psl", num_clients=3, batch_size=4, num_classes=10)
+  model = get_model("tiny_cnn", num_classes=10, input_shape=(28, 28, 1))
+  state = init_state(cfg, model, jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.float32))
+  assert state.clients.params["decoder"] == {} and state.clients.params["aux_head"] == {}
+  with_heads = init_state(dataclasses.replace(cfg, local_loss=True, local_ce_weight=1.0),
+                          model, jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.float32))
+  old = state.replace(clients=state.clients.replace(
+      params={**state.clients.params, "decoder": with_heads.clients.params["decoder"],
+              "aux_head": with_heads.clients.params["aux_head"]}))
+  checkpoints = Checkpoints(str(tmp_path), 3)
+  try:
+    checkpoints.save(5, old, {"partition": "p", "train_window": {}})
+    restored, loop = checkpoints.restore(5, state)
+  finally:
+    checkpoints.close()
+  assert_trees_equal(restored, state)
+  assert loop["partition"] == "p"

@@ -32,11 +32,13 @@ from lfmjax.train import train_and_evaluate
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
 
-def problem(algorithm: str, num_clients: int, batch: int = 4, seed: int = 0):
+def problem(algorithm: str, num_clients: int, batch: int = 4, seed: int = 0, **fields):
   """A tiny round: cfg, model, host state, host data (clients of unequal sizes)."""
   config = base_config()
   config.algorithm = algorithm
   config.num_clients = num_clients
+  for name, value in fields.items():
+    config[name] = value
   config.batch_size = batch
   cfg = round_config_from(config, 10)
   model = get_model("tiny_cnn", num_classes=10, input_shape=(28, 28, 1))
@@ -85,6 +87,23 @@ def test_eight_devices_equal_one(algorithm, num_clients):
   padded_before = pad_state(cfg, state, 8)
   rows = lambda tree: jax.tree.map(lambda a: np.asarray(a)[num_clients:], tree.clients)
   jax.tree.map(np.testing.assert_array_equal, rows(got_state), rows(padded_before))
+
+
+@pytest.mark.parametrize("algorithm,k", [("locfedmix", 3), ("sfl_v1", 8), ("sl", 5)])
+def test_participants_on_eight_devices_equal_one(algorithm, k):
+  """K of 12 clients (3: padded within the program; 8: one a device) with dropouts, two
+  iterations, on 8 devices against one."""
+  cfg, model, state, data = problem(algorithm, 12, clients_per_round=k, dropout_prob=0.2)
+  one = make_round_step(cfg, model, jit=False)
+  want = jax.device_put(state, jax.devices()[0]), []
+  data1 = jax.device_put(data, jax.devices()[0])
+  step, got, data8, _ = sharded_step(cfg, model, state, data, make_mesh(8))
+  got = got, []
+  for _ in range(2):
+    want = jax.jit(one)(want[0], data1)
+    got = step(got[0], data8)
+  assert_close(real_clients(cfg, to_host(got[0])), jax.device_get(want[0]))
+  assert_close(got[1], want[1])
 
 
 def test_per_client_loops_run_per_device():

@@ -200,12 +200,13 @@ def expanded(state, num_clients=C):
 
 def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
   """One iteration, client by client, from SPEC.md. Returns (new params dict, metrics)."""
-  state = expanded(state)
+  state = expanded(state, C)
   step = int(state.step)
   key = state.key
   delta = np.asarray(data.weights_C)
+  ids = np.asarray(data.client_ids())  # client k's streams are its id's (participants)
   idx = np.asarray(batch_indices(jax.random.fold_in(key, 0), state.step, data.idx_CxM,
-                                 data.sizes_C, cfg.batch_size))
+                                 data.sizes_C, cfg.batch_size, ids_C=data.ids_C))
   per_client = lambda tree: [jax.tree.map(lambda a: a[k], tree) for k in range(C)]
   lowers = per_client(state.clients.params["lower"])
   decs = per_client(state.clients.params["decoder"])
@@ -225,10 +226,12 @@ def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
       dec, aux, turn_losses = decs[k], auxs[k], []
       for t in range(turns[k]):  # client k's stream goes on from its last turn
         idx_k = np.asarray(batch_indices(jax.random.fold_in(key, 0), step * turns[k] + t,
-                                         data.idx_CxM, data.sizes_C, cfg.batch_size))[k]
+                                         data.idx_CxM, data.sizes_C, cfg.batch_size,
+                                         ids_C=data.ids_C))[k]
         x_k = jnp.asarray(data.train_x)[idx_k].astype(jnp.float32) / 255.0
         y_k = jnp.asarray(data.train_y)[idx_k]
-        s_k = plain_upload(cfg, key, step * turns[k] + t, k, apply(MODEL.lower, lower, x_k))
+        s_k = plain_upload(cfg, key, step * turns[k] + t, ids[k],
+                           apply(MODEL.lower, lower, x_k))
         loss, (g_upper, g_s) = jax.value_and_grad(
             lambda w, s: ce(apply(MODEL.upper, w, s), y_k), argnums=(0, 1))(upper, s_k)
         turn_losses.append(float(loss))
@@ -242,7 +245,7 @@ def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
     return ({"upper": upper, "lower": stack(new_lowers), "decoder": stack(new_decs),
              "aux_head": stack(new_auxs)}, {"loss_real": sum(delta * np.asarray(losses))})
 
-  smashed = [plain_upload(cfg, key, step, k, apply(MODEL.lower, lowers[k], xs[k]))
+  smashed = [plain_upload(cfg, key, step, ids[k], apply(MODEL.lower, lowers[k], xs[k]))
              for k in range(C)]
   own_loss = lambda w, k: (lambda s: ce(apply(MODEL.upper, w, s), ys[k]))
   g = [None] * C

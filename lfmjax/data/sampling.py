@@ -16,7 +16,8 @@ NORMALIZATIONS = ("none", "pm1", "standard")
 
 
 def batch_indices(key: jax.Array, step: jax.Array | int, idx_CxM: jax.Array,
-                  sizes_C: jax.Array, batch: int, *, max_epochs: int = 2) -> jax.Array:
+                  sizes_C: jax.Array, batch: int, *, max_epochs: int = 2,
+                  ids_C: jax.Array | None = None) -> jax.Array:
   """int32 C x batch global train indices for every client at `step`.
 
   Client k reads its data as a stream of epochs, each a fresh permutation of its
@@ -31,13 +32,16 @@ def batch_indices(key: jax.Array, step: jax.Array | int, idx_CxM: jax.Array,
   `epochs_per_batch` to pick it for tinier clients). Positions beyond the last computed
   epoch reuse its order, so they are still the client's own samples, not garbage.
 
-  `step` may be a traced int32 scalar; step * batch must stay below 2**31.
+  `step` may be a traced int32 scalar; step * batch must stay below 2**31. `ids_C`:
+  the rows' client ids k (default 0..C-1), so a drawn subset of clients reads each
+  client's own stream.
   """
   idx_CxM = jnp.asarray(idx_CxM)
   sizes_C = jnp.asarray(sizes_C, jnp.int32)
   one = lambda k, row_M, size: client_batch_indices(key, k, step, row_M, size, batch,
                                                     max_epochs=max_epochs)
-  clients = jnp.arange(idx_CxM.shape[0], dtype=jnp.int32)
+  clients = (jnp.arange(idx_CxM.shape[0], dtype=jnp.int32) if ids_C is None
+             else jnp.asarray(ids_C, jnp.int32))
   return jax.vmap(one)(clients, idx_CxM, sizes_C).astype(jnp.int32)
 
 

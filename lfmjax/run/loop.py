@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfmjax import accounting, algorithms
+from lfmjax import accounting, algorithms, devices
 from lfmjax.checkpoint import (CheckpointError, Checkpoints, check_workdir, checkpoint_steps,
                                partition_fingerprint)
 from lfmjax.data import client_table, holdout, load_dataset, make_partition
@@ -73,7 +73,8 @@ def place_run(cfg, model, mesh, num_seeds: int, state: RoundState, seed: int, x_
                       for i in range(1, num_seeds)]
   states = [pad_state(cfg, jax.device_get(s), num_padded) for s in states]
   state = states[0] if num_seeds == 1 else jax.tree.map(lambda *a: np.stack(a), *states)
-  placement = make_placement(cfg, state, mesh, seeds=num_seeds > 1)
+  placement = make_placement(cfg, state, mesh, seeds=num_seeds > 1,
+                             seconds=data_host.seconds_C is not None)
   state = put_global(state, placement.state)
   data = put_global(pad_data(data_host, num_padded), placement.data)
 
@@ -248,13 +249,19 @@ def prepare(config, log: Callable, dataset=None) -> Prepared:
       f"{config.num_iterations} iterations on {mesh.size} {jax.devices()[0].platform} "
       f"device(s)" + (f", {jax.process_count()} processes" if jax.process_count() > 1 else "")
       + (f" | {config.num_seeds} seeds" if config.num_seeds > 1 else ""))
-  ledger = accounting.make_ledger(cfg, model, state, data)
-  latency = accounting.make_latency(cfg, model, state, data, ledger, accounting.Rates(
-      config.client_flops_per_s, config.server_flops_per_s, config.uplink_bytes_per_s,
-      config.downlink_bytes_per_s))
+  ledger, latency, costs = make_accounts(config, cfg, model, state, data)
   log(accounting.describe(ledger, latency))
+  if costs is not None and cfg.deadline_s is not None:
+    data = data.replace(seconds_C=jnp.asarray(costs.seconds_C, jnp.float32))
   run = place_run(cfg, model, mesh, config.num_seeds, state, config.seed, x_example, data,
                   config.steps_per_dispatch, probe_size(config.privacy.probe_size, sizes_C))
+  if costs is not None:  # the draws replayed from every seed's run key
+    ledger = latency = accounting.ParticipationAccounts(
+        cfg, costs, jax.device_get(run.state.key), data.weights_C, cfg.num_clients, ledger)
+    dev = config.devices
+    log(accounting.describe_participation(
+        cfg, latency, dev.distribution + (f" (spread {dev.spread:g})"
+                                          if dev.distribution == "lognormal" else "")))
   chunks = lambda x, y: put_global(pad_to_chunks(x, y, min(config.eval_chunk, len(y))),
                                    (run.placement.replicated,) * 3)
   test = chunks(dataset.test_x, dataset.test_y)
@@ -269,6 +276,43 @@ def prepare(config, log: Callable, dataset=None) -> Prepared:
                   float(np.mean(batches_C * config.batch_size / sizes_C)),
                   partition_fingerprint(idx_CxM, sizes_C),
                   None if val is None else chunks(*val))
+
+
+def make_accounts(config, cfg, model, state, data):
+  """(ledger, latency, per-client costs or None): the closed forms of the round of the
+  K participants; per-client costs where the clients' devices differ or clients come
+  and go (then `ParticipationAccounts` replays the draws). A deadline no client can
+  meet is a ConfigError."""
+  rates = accounting.Rates(config.client_flops_per_s, config.server_flops_per_s,
+                           config.uplink_bytes_per_s, config.downlink_bytes_per_s)
+  cfg_k, data_k = cfg, data
+  if cfg.samples_clients:  # the accounts of one iteration of K participants
+    cfg_k = cfg.participants_config()
+    data_k = data.replace(**{f: getattr(data, f)[:cfg_k.num_clients]
+                             for f in ("idx_CxM", "sizes_C", "weights_C")})
+  ledger = accounting.make_ledger(cfg_k, model, state, data_k)
+  latency = accounting.make_latency(cfg_k, model, state, data_k, ledger, rates)
+  dev = config.devices
+  try:
+    client_devices = devices.make_devices(
+        dev.distribution, cfg.num_clients, rates.client_flops_per_s,
+        rates.uplink_bytes_per_s, rates.downlink_bytes_per_s, spread=dev.spread,
+        trace=dev.trace and os.path.expanduser(dev.trace),
+        seed=config.seed if dev.seed is None else dev.seed)
+  except devices.DevicesError as e:
+    raise ConfigError(f"config.{e}") from None
+  if not cfg.samples_clients and client_devices.uniform:
+    return ledger, latency, None
+  steps = (float(accounting.turn_steps(cfg_k, data_k).sum()) if cfg.server_mode == "relay"
+           else 1.0)
+  costs = accounting.client_seconds(cfg_k, ledger, latency, client_devices,
+                                    np.asarray(data.sizes_C), latency.server_flops / steps,
+                                    rates.server_flops_per_s)
+  fastest = float(np.min(costs.seconds_C))
+  if cfg.deadline_s is not None and fastest > cfg.deadline_s:
+    raise ConfigError(f"config.deadline_s={cfg.deadline_s}: no client can meet it (the "
+                      f"fastest takes {fastest:.4g} simulated s an iteration); raise it")
+  return ledger, latency, costs
 
 
 @dataclasses.dataclass
@@ -319,6 +363,19 @@ def evaluation_line(record: dict) -> str:
           f"down | simulated {record['latency_s']:.1f}s")
 
 
+def participation_record(latency, start: int, step: int, num_seeds: int) -> dict:
+  """What an evaluation records of clients that differ or come and go: the late
+  participants an iteration since `start`, the simulated seconds the deadline saved,
+  and each seed's simulated seconds (`accounting.ParticipationAccounts`)."""
+  if not isinstance(latency, accounting.ParticipationAccounts):
+    return {}
+  record = latency.participation(start, step)
+  record.pop("participants")  # the round's own metric says it (the window's mean)
+  if num_seeds > 1:
+    record["latency_s_seeds"] = latency.seeds(step)
+  return record
+
+
 def run_loop(config, prep: Prepared, wd: Workdir, progress: Progress, t_start: float,
              log: Callable) -> tuple[RoundState, int, float | None]:
   """Dispatches, evaluations and checkpoints up to `num_iterations`: (state, step,
@@ -326,6 +383,7 @@ def run_loop(config, prep: Prepared, wd: Workdir, progress: Progress, t_start: f
   run, state, step, window = prep.run, wd.state, wd.step, wd.train_window
   last_acc = wd.writer.evals[-1]["test_accuracy"] if wd.writer.evals else None
   chunk, compile_s = config.steps_per_dispatch, None
+  last_eval = wd.writer.evals[-1]["iteration"] if wd.writer.evals else 0
 
   def save(step_done: int) -> None:
     if wd.checkpoints is not None:
@@ -349,6 +407,8 @@ def run_loop(config, prep: Prepared, wd: Workdir, progress: Progress, t_start: f
                                    wd.wall_before + time.perf_counter() - t_start, prep.val,
                                    run.leakage)
         record.update(prep.ledger.totals(step), latency_s=round(prep.latency.total(step), 6))
+        record.update(participation_record(prep.latency, last_eval, step, config.num_seeds))
+        last_eval = step
         if step % config.eval_every == 0:  # an end-of-run evaluation keeps the window
           window = []
         last_acc = record["test_accuracy"]

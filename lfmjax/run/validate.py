@@ -7,7 +7,7 @@ import os
 
 import jax
 
-from lfmjax import algorithms
+from lfmjax import algorithms, devices
 from lfmjax.data import PARTITIONS
 from lfmjax.data.datasets import canonical_name
 from lfmjax.models import MODEL_NAMES, get_model
@@ -50,8 +50,25 @@ def validate(config) -> None:
   for field in ("client_flops_per_s", "server_flops_per_s", "uplink_bytes_per_s",
                 "downlink_bytes_per_s"):
     need(positive(config.get(field)), field, "rates must be positive numbers")
+  check_devices(need, config)
   spec(config)
   check_model(config)
+
+
+def check_devices(need, config) -> None:
+  """The device distribution's fields (the trace file is read when the run starts)."""
+  dev = config.devices
+  need(dev.distribution in devices.DISTRIBUTIONS, "devices.distribution",
+       f"use one of {', '.join(devices.DISTRIBUTIONS)}")
+  need(0.0 <= dev.spread <= 10.0, "devices.spread",
+       "the sigma of log-rate must lie in [0, 10] (1: rates spread over about e^±1)")
+  need(dev.distribution != "trace" or bool(dev.trace), "devices.trace",
+       "devices.distribution='trace' needs the path of a CSV trace")
+  need(dev.trace is None or os.path.isfile(os.path.expanduser(dev.trace)), "devices.trace",
+       "no such file; give the path of a CSV with columns "
+       f"{', '.join(devices.TRACE_COLUMNS)}")
+  need(dev.seed is None or 0 <= dev.seed <= MAX_SEED, "devices.seed",
+       f"must lie in [0, {MAX_SEED}] (or leave it unset: seed)")
 
 
 def field_value(config, dotted: str):

@@ -96,9 +96,10 @@ def mean_metrics(stacked: dict) -> dict[str, Any]:
   out = {}
   for k, v in jax.device_get(stacked).items():
     v = np.asarray(v)
-    if k.endswith(PER_CLIENT):
-      out.update(per_client_summary(k[:-len(PER_CLIENT)],
-                                    v.reshape(-1, v.shape[-1]).mean(axis=0)))
+    if k.endswith(PER_CLIENT):  # NaN: not a participant (`participation`)
+      v = v.reshape(-1, v.shape[-1])
+      out.update(per_client_summary(k[:-len(PER_CLIENT)], _nanmean(v, axis=0)
+                                    if np.isnan(v).any() else v.mean(axis=0)))
     else:
       out[k] = float(np.mean(v[-1] if k.startswith("lr_") else v))
   return out
@@ -107,8 +108,21 @@ def mean_metrics(stacked: dict) -> dict[str, Any]:
 def per_client_summary(name: str, values_C) -> dict[str, Any]:
   """{name: mean over clients, name_std: their spread, name_clients: each client's}."""
   values_C = np.asarray(values_C, np.float64)
+  if np.isnan(values_C).any():  # clients that never took part in the window: null
+    known = values_C[~np.isnan(values_C)]
+    return {name: float(known.mean()) if known.size else None,
+            f"{name}_std": float(known.std()) if known.size else None,
+            f"{name}{PER_CLIENT}": [None if np.isnan(v) else round(float(v), 6)
+                                    for v in values_C]}
   return {name: float(values_C.mean()), f"{name}_std": float(values_C.std()),
           f"{name}{PER_CLIENT}": [round(float(v), 6) for v in values_C]}
+
+
+def _nanmean(a, axis):
+  """np.nanmean without the warning for all-NaN columns (NaN stays)."""
+  counts = np.sum(~np.isnan(a), axis=axis)
+  sums = np.nansum(a, axis=axis)
+  return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 def write_atomically(path: str, text: str) -> None:
