@@ -28,9 +28,9 @@ demo: venv fmnist
 	$(PY) -m lfmjax.main --config=configs/fmnist.py --workdir=$(WORKDIR)
 
 test: venv
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
-# The round on the paths users run against the PyTorch peer (BUILD.md: Speed; about 21 min).
+# The round on the paths users run against the PyTorch peer (BUILD.md: Speed; about 25 min).
 bench: venv
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
 	$(PY) benchmarks/bench.py --iters 3 --repeats 2 --out runs/bench

@@ -98,7 +98,9 @@ def test_sampled_iteration_equals_plain_loop_over_participants(name):
         lambda a: a * (1 + 0.01 * jnp.arange(ALL, dtype=a.dtype).reshape(
             (ALL,) + (1,) * (a.ndim - 1))), state.server.params)))
   round_step = lfmjax.make_round_step(cfg, MODEL)
-  for _ in range(2):
+  # Two iterations where rows carry over (SL's handed-on lower, SFL-V1's server copies,
+  # PSL's own lowers); one elsewhere.
+  for _ in range(2 if name in ("sl", "sfl_v1", "psl") else 1):
     ids = plain_participants(state.key, int(state.step))
     relay = name == "sl"
     latest = row(state.clients.params["lower"], ALL - 1) if relay else None
@@ -334,19 +336,7 @@ def test_replayed_draws_equal_the_round_and_resume_exactly():
   assert fresh.totals(6) == acc.totals(6) and fresh.seeds(6) == acc.seeds(6)
 
 
-# -------------------------------------------------------------------- the whole run
-def test_run_with_participants_records_them(synthetic_fmnist, tmp_path):
-  config = tiny_config(synthetic_fmnist, num_clients=6, clients_per_round=3,
-                       dropout_prob=0.2, num_iterations=2, eval_every=2, num_seeds=2)
-  config.devices.distribution = "lognormal"
-  from lfmjax.train import train
-  result = train(config, str(tmp_path / "run"), quiet=True)
-  last = result.history[-1]
-  assert 0 < last["participants"] <= 3 and last["dropped"] == 3 - last["participants"]
-  assert len(last["latency_s_seeds"]) == 2 and last["latency_s"] > 0
-  assert last["time_saved_s"] == 0 and last["late"] == 0
-
-
+# ------------------------------------------------------------------------ bad input
 def test_bad_participation_input_is_one_line(synthetic_fmnist, tmp_path):
   """K out of [1, C], p outside [0, 1), a deadline no client meets, and a trace with
   missing clients: ConfigErrors naming the field (the CLI prints them as one line,

@@ -273,7 +273,9 @@ def prepare(config, log: Callable, dataset=None) -> Prepared:
                else np.ones_like(sizes_C))
   return Prepared(cfg, run, test, put_global(client_ids_host, run.placement.replicated),
                   ledger, latency,
-                  float(np.mean(batches_C * config.batch_size / sizes_C)),
+                  # K of C clients take part in an iteration, on average
+                  float(np.mean(batches_C * config.batch_size / sizes_C))
+                  * cfg.num_participants / cfg.num_clients,
                   partition_fingerprint(idx_CxM, sizes_C),
                   None if val is None else chunks(*val))
 
