@@ -88,9 +88,18 @@ def row(tree, k):
   return jax.tree.map(lambda a: a[k], tree)
 
 
-@pytest.mark.parametrize("name", list(lfmjax.ALGORITHMS))
-def test_sampled_iteration_equals_plain_loop_over_participants(name):
-  cfg = algorithm_cfg(name, num_clients=ALL, clients_per_round=K, local_loss_weight=0.7)
+# With SGD and FedAvg every iteration the clients hold one copy (the averaged phase);
+# `_per_client` keeps a row per client, so FedAvg's average is broadcast to all C rows.
+SAMPLED = {**{name: {} for name in lfmjax.ALGORITHMS},
+           "locfedmix_per_client": dict(base="locfedmix", averaged_clients=False)}
+
+
+@pytest.mark.parametrize("variant", list(SAMPLED))
+def test_sampled_iteration_equals_plain_loop_over_participants(variant):
+  fields = dict(SAMPLED[variant])
+  name = fields.pop("base", variant)
+  cfg = algorithm_cfg(name, num_clients=ALL, clients_per_round=K, local_loss_weight=0.7,
+                      **fields)
   data = five_client_data()
   state = differing_state(cfg)
   if name == "sfl_v1":  # per-client server copies that differ too
