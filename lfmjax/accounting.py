@@ -374,10 +374,8 @@ class ParticipationAccounts:
     if self.sync_every:
       steps = start + np.arange(ids.shape[1])
       syncs = ((steps + 1) % self.sync_every == 0)[None, :] & np.any(present, axis=-1)
-      time = time + np.where(syncs, np.max(np.where(present, c.sync_C[ids], 0.0), axis=-1),
-                             0.0)
-      waited = waited + np.where(syncs, np.max(np.where(present, c.sync_C[ids], 0.0),
-                                               axis=-1), 0.0)
+      sync = np.where(syncs, np.max(np.where(present, c.sync_C[ids], 0.0), axis=-1), 0.0)
+      time, waited = time + sync, waited + sync
       sync_bytes = np.where(syncs, np.sum(present, axis=-1) * self.ledger.sync_bytes, 0)
       up, down = up + sync_bytes, down + sync_bytes
     return {"seconds": time, "saved": np.maximum(waited - time, 0.0), "up": up,

@@ -99,11 +99,7 @@ def make_participation_round(cfg: RoundConfig, participants_round):
   def gather(state: RoundState, ids_K) -> RoundState:
     clients = rows(state.clients, ids_K) if per_client_rows else state.clients
     if relay:  # the first turn starts from the latest lower, which the last row holds
-      latest = jax.tree.map(lambda a: a[-1], (state.clients.params["lower"],
-                                              state.clients.stats["lower"]))
-      clients = clients.replace(
-          params={**clients.params, "lower": _set_last(clients.params["lower"], latest[0])},
-          stats={**clients.stats, "lower": _set_last(clients.stats["lower"], latest[1])})
+      clients = with_last_lower(clients, state.clients)
     server = rows(state.server, ids_K) if per_client_server else state.server
     return state.replace(clients=clients, server=server)
 
@@ -117,23 +113,20 @@ def make_participation_round(cfg: RoundConfig, participants_round):
       if cfg.fedavg:
         shared = to_all(new_K.clients, num_clients)
         clients = ClientState(
-            _where(averaged, shared.params, clients.params),
-            _where(averaged, shared.stats, clients.stats),
-            (_where(averaged, shared.opt_state, clients.opt_state) if cfg.fedavg_opt_state
-             else clients.opt_state))
+            components.select_tree(averaged, shared.params, clients.params),
+            components.select_tree(averaged, shared.stats, clients.stats),
+            (components.select_tree(averaged, shared.opt_state, clients.opt_state)
+             if cfg.fedavg_opt_state else clients.opt_state))
       if relay:  # the lower handed on is the newest: the last row keeps it
-        handed = jax.tree.map(lambda a: a[-1], (new_K.clients.params["lower"],
-                                                new_K.clients.stats["lower"]))
-        clients = clients.replace(
-            params={**clients.params, "lower": _set_last(clients.params["lower"], handed[0])},
-            stats={**clients.stats, "lower": _set_last(clients.stats["lower"], handed[1])})
+        clients = with_last_lower(clients, new_K.clients)
     if per_client_server:
       kept = keep_absent(present_K, new_K.server, old_K.server)
       server = put_rows(state.server, ids_K, kept)
       if cfg.fedavg:
         shared = to_all(new_K.server, num_clients)
-        server = ServerState(_where(averaged, shared.params, server.params),
-                             _where(averaged, shared.stats, server.stats), server.opt_state)
+        server = ServerState(components.select_tree(averaged, shared.params, server.params),
+                             components.select_tree(averaged, shared.stats, server.stats),
+                             server.opt_state)
     return new_K.replace(clients=clients, server=server)
 
   def round_step(state: RoundState, data: RoundData):
@@ -162,12 +155,14 @@ def make_participation_round(cfg: RoundConfig, participants_round):
   return round_step
 
 
-def _set_last(tree, last):
-  return jax.tree.map(lambda a, b: a.at[-1].set(b), tree, last)
-
-
-def _where(flag, a, b):
-  return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
+def with_last_lower(clients: ClientState, source: ClientState) -> ClientState:
+  """`clients` with the lower (parameters and statistics) of `source`'s last row in its
+  own last row: vanilla SL's newest lower."""
+  def last_of(name):
+    return jax.tree.map(lambda a, b: a.at[-1].set(b[-1]),
+                        getattr(clients, name)["lower"], getattr(source, name)["lower"])
+  return clients.replace(params={**clients.params, "lower": last_of("params")},
+                         stats={**clients.stats, "lower": last_of("stats")})
 
 
 def _per_client_metric(values_K, ids_K, present_K, num_clients: int):
