@@ -10,6 +10,9 @@ Ablation and knobs: one row per run. `plateau_<name>` (e.g. plateau_scalability_
 per C, how much the runs' test accuracy still rose over their last fifth.
 `lead_<name>`: per C and algorithm, LocFedMix-SL's accuracy minus that algorithm's,
 averaged over all evaluations, and at how many evaluations it was ahead.
+`participation_<setting>` (issue 18): per algorithm and K, the final accuracy, the
+simulated seconds and the seconds to a target accuracy; then, at the devices group's K,
+homogeneous against lognormal devices with and without the deadline.
 """
 from __future__ import annotations
 
@@ -100,8 +103,53 @@ def published(name: str, base: str) -> str:
   return "\n".join(lines)
 
 
+def seconds_to(evals: list[dict], target: float) -> str:
+  """Simulated seconds of the first evaluation at or above `target` % ("-": never)."""
+  hit = [float(e["latency_s"]) for e in evals if float(e["test_accuracy"]) >= target]
+  return f"{min(hit):,.0f}" if hit else "-"
+
+
+def participation(name: str, base: str, target: float = 83.0) -> str:
+  """Issue 18's two tables from participation.py's CSVs (see the module docstring)."""
+  rows = read(name, base)
+  curves_of = {}
+  for c in common.read_csv(os.path.join(base, name, f"{name}_curves.csv")):
+    key = (c["algorithm"], c["clients_per_round"], c["devices"], c["deadline_s"])
+    curves_of.setdefault(key, []).append(c)
+
+  def to_target(r):
+    return seconds_to(curves_of.get((r["algorithm"], r["clients_per_round"], r["devices"],
+                                     r["deadline_s"]), []), target)
+
+  def k_cell(r):
+    return f"{accuracy(r)} % in {float(r['latency_s']):,.0f} s ({to_target(r)} s)"
+
+  out = [f"Final test accuracy in the simulated seconds of the whole run (the seconds to "
+         f"{target:g} %):\n", pivot([dict(r, K=r["clients_per_round"]) for r in rows
+                                     if r["group"] == "K"], "algorithm", "K", k_cell)]
+  devices = [r for r in rows if r["group"] == "devices"]
+  if devices:
+    k = devices[0]["clients_per_round"]
+    mine = [r for r in rows if r["clients_per_round"] == k and r["group"] != "K"
+            or r["group"] == "K" and r["clients_per_round"] == k]
+    out.append(f"\nK = {k}: devices and the deadline (late: participants an iteration that "
+               f"missed it; saved: simulated seconds the deadline cut from the run):\n")
+    out.append("| algorithm | devices | deadline (s) | test accuracy (%) | simulated s | "
+               f"s to {target:g} % | present | late | saved (s) |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(mine, key=lambda r: list(dict.fromkeys(x["algorithm"] for x in rows))
+                    .index(r["algorithm"])):
+      out.append(f"| {r['algorithm']} | {r['devices']} | {r['deadline_s'] or '-'} | "
+                 f"{accuracy(r)} | {float(r['latency_s']):,.0f} | {to_target(r)} | "
+                 f"{r.get('participants', k)} | {r.get('late') or '0'} | "
+                 f"{float(r.get('time_saved_s') or 0):,.0f} |")
+  return "\n".join(out)
+
+
 def table(name: str, base: str = common.RESULTS) -> str:
   kind = name.split("_")[0]
+  if kind == "participation":
+    return participation(name, base)
   if kind == "published":  # e.g. published_scalability_sglr_resnet16
     return published(name[len("published_"):], base)
   if kind == "plateau":

@@ -276,30 +276,34 @@ def client_seconds(cfg: RoundConfig, ledger: CommLedger, latency: LatencyModel,
 
 
 def make_replay(cfg: RoundConfig, num_steps: int):
-  """`replay(keys_S, weights_C, seconds_C, start)`: the participation draws of iterations
-  [start, start + num_steps) for each seed's run key, as the round makes them
+  """`replay(keys_S, weights_C, seconds_C, sync_C, start)`: the participation draws of
+  iterations [start, start + num_steps) for each seed's run key, as the round makes them
   (`participation`): (ids S x N x K, arrived S x N x K: not dropped out, in_time
-  S x N x K: within the deadline), on the host."""
+  S x N x K: within the deadline, FedAvg's transfer included where the step ends with
+  it), on the host."""
   from lfmjax import participation
   no_deadline = dataclasses.replace(cfg, deadline_s=None)
   no_dropout = dataclasses.replace(cfg, dropout_prob=0.0)
 
-  def one(key, step, weights, seconds):
+  def one(key, step, weights, seconds, sync):
     ids = participation.draw_participants(cfg, key, step, weights)
     arrived = participation.present_participants(no_deadline, key, step, ids)
-    in_time = participation.present_participants(no_dropout, key, step, ids, seconds[ids])
+    in_time = participation.present_participants(
+        no_dropout, key, step, ids,
+        participation.iteration_seconds(cfg, step, seconds[ids], sync[ids]))
     return ids, arrived, in_time
 
   @jax.jit
-  def draws(keys_S, weights_C, seconds_C, start):
+  def draws(keys_S, weights_C, seconds_C, sync_C, start):
     steps = start + jnp.arange(num_steps, dtype=jnp.int32)
-    over_steps = jax.vmap(one, in_axes=(None, 0, None, None))
-    return jax.vmap(over_steps, in_axes=(0, None, None, None))(keys_S, steps, weights_C,
-                                                               seconds_C)
+    over_steps = jax.vmap(one, in_axes=(None, 0, None, None, None))
+    return jax.vmap(over_steps, in_axes=(0, None, None, None, None))(
+        keys_S, steps, weights_C, seconds_C, sync_C)
 
-  def replay(keys_S, weights_C, seconds_C, start: int):
-    return jax.device_get(draws(keys_S, jnp.asarray(weights_C),
-                                jnp.asarray(seconds_C, jnp.float32), jnp.int32(start)))
+  def replay(keys_S, weights_C, seconds_C, sync_C, start: int):
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return jax.device_get(draws(keys_S, jnp.asarray(weights_C), f32(seconds_C), f32(sync_C),
+                                jnp.int32(start)))
 
   return replay
 
@@ -311,12 +315,14 @@ class ParticipationAccounts:
   (`make_replay`).
 
   Per iteration and seed, over the K participants drawn, those present (arrived and in
-  time) and those late (arrived, past `deadline_s`):
-    parallel   max over the present of seconds_k; `deadline_s` if any is late (the
-               server waited that long); LocSplitFed at least the server's compute;
+  time) and those late (arrived, past `deadline_s`; a participant's time includes its
+  FedAvg transfer at the iterations that end with FedAvg):
+    parallel   max over the present of seconds_k (LocSplitFed: at least the server's
+               compute), plus at FedAvg the slowest present participant's transfer
+               (every T_c iterations); at least `deadline_s` if any is late (the
+               server waited that long before giving up on it);
     sl         the sum of the present participants' turns, plus `deadline_s` for each
                late one (the server waited before moving on);
-    FedAvg     the slowest present participant's transfer, every T_c iterations;
     bytes      the present participants' uploads, downloads and FedAvg transfers.
   `saved`: the time waiting for the late ones would have cost, less the deadline.
   With several seeds the values are their mean (`seeds` gives each)."""
@@ -351,7 +357,7 @@ class ParticipationAccounts:
       shape = (self.keys.shape[0], self.CHUNK, self.num_clients)
       ids = np.broadcast_to(np.arange(self.num_clients), shape)
       return ids, np.ones(shape, bool), np.ones(shape, bool)
-    return self._replay(self.keys, self.weights_C, c.seconds_C, start)
+    return self._replay(self.keys, self.weights_C, c.seconds_C, c.sync_C, start)
 
   def _costs(self, ids, arrived, in_time, start: int) -> dict[str, np.ndarray]:
     cfg, c = self.cfg, self.costs
@@ -364,7 +370,6 @@ class ParticipationAccounts:
       time = time + (cfg.deadline_s or 0.0) * np.sum(late, axis=-1)
     else:
       time, waited = masked_max(present), masked_max(arrived)
-      time = np.where(np.any(late, axis=-1), cfg.deadline_s or 0.0, time)
       if cfg.client_gradient == "none":
         any_present = np.any(present, axis=-1)
         time = np.where(any_present, np.maximum(time, c.server_s), time)
@@ -373,11 +378,17 @@ class ParticipationAccounts:
     down = np.sum(np.where(present, c.down_C[ids], 0.0), axis=-1)
     if self.sync_every:
       steps = start + np.arange(ids.shape[1])
-      syncs = ((steps + 1) % self.sync_every == 0)[None, :] & np.any(present, axis=-1)
-      sync = np.where(syncs, np.max(np.where(present, c.sync_C[ids], 0.0), axis=-1), 0.0)
-      time, waited = time + sync, waited + sync
+      sync_step = ((steps + 1) % self.sync_every == 0)[None, :]
+
+      def slowest_sync(mask):  # FedAvg waits for the slowest model among `mask`
+        return np.where(sync_step & np.any(mask, axis=-1),
+                        np.max(np.where(mask, c.sync_C[ids], 0.0), axis=-1), 0.0)
+      time, waited = time + slowest_sync(present), waited + slowest_sync(arrived)
+      syncs = sync_step & np.any(present, axis=-1)
       sync_bytes = np.where(syncs, np.sum(present, axis=-1) * self.ledger.sync_bytes, 0)
       up, down = up + sync_bytes, down + sync_bytes
+    if cfg.server_mode != "relay":
+      time = np.where(np.any(late, axis=-1), np.maximum(time, cfg.deadline_s or 0.0), time)
     return {"seconds": time, "saved": np.maximum(waited - time, 0.0), "up": up,
             "down": down, "present": np.sum(present, axis=-1).astype(np.float64),
             "late": np.sum(late, axis=-1).astype(np.float64)}

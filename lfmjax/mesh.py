@@ -74,9 +74,11 @@ def state_specs(cfg: RoundConfig, state: RoundState, seeds: bool = False) -> Rou
 
 
 def data_specs(seconds: bool = False) -> RoundData:
-  """`seconds`: the data carries each client's simulated seconds (a deadline)."""
+  """`seconds`: the data carries each client's simulated seconds and FedAvg transfer
+  seconds (a deadline)."""
+  per_client = P(CLIENTS) if seconds else None
   return RoundData(train_x=P(), train_y=P(), idx_CxM=P(CLIENTS), sizes_C=P(CLIENTS),
-                   weights_C=P(CLIENTS), seconds_C=P(CLIENTS) if seconds else None)
+                   weights_C=P(CLIENTS), seconds_C=per_client, sync_seconds_C=per_client)
 
 
 def shardings(mesh: Mesh, specs):
@@ -104,7 +106,7 @@ def _map_client_leaves(cfg: RoundConfig, fn, state: RoundState, *others: RoundSt
 
 
 # RoundData's client-stacked fields (`ids_C` is the round's own, never placed).
-CLIENT_DATA = ("idx_CxM", "sizes_C", "weights_C", "seconds_C")
+CLIENT_DATA = ("idx_CxM", "sizes_C", "weights_C", "seconds_C", "sync_seconds_C")
 
 
 def _map_client_data(fn, data: RoundData) -> RoundData:
@@ -196,7 +198,7 @@ class Placement:
 def make_placement(cfg: RoundConfig, state: RoundState, mesh: Mesh | None = None,
                    seeds: bool = False, seconds: bool = False) -> Placement:
   """`state` is the padded (and seed-stacked) state whose structure the shardings take;
-  `seconds`: the data carries `seconds_C`."""
+  `seconds`: the data carries `seconds_C` and `sync_seconds_C`."""
   mesh = make_mesh() if mesh is None else mesh
   return Placement(mesh=mesh,
                    num_padded=padded_num_clients(cfg.num_clients, mesh.size),

@@ -8,8 +8,9 @@ miss synchronous deadlines (Bonawitz et al., MLSys 2019); LocFedMix-SL's latency
   1. K participants drawn from (key, step): uniformly, or in proportion to their data
      (`draw_participants`), without replacement, in ascending id order;
   2. each one present unless it drops out (probability `dropout_prob`, drawn per client
-     and step) or its simulated iteration time (`RoundData.seconds_C`) exceeds
-     `deadline_s` (`present_participants`);
+     and step) or its simulated iteration time exceeds `deadline_s`
+     (`present_participants`): its split step (`RoundData.seconds_C`) and, at an
+     iteration that ends with FedAvg, its model's transfer (`sync_seconds_C`);
   3. their rows gathered from the C-stacked state (client segments, their optimiser
      states and statistics; SFL-V1's server copies) and the round of K clients run on
      them, the absent ones with weight 0, so the program's cost scales with K;
@@ -45,6 +46,15 @@ def draw_participants(cfg: RoundConfig, key, step, weights_C) -> jax.Array:
   else:
     chosen = jax.random.permutation(key, num_clients)[:cfg.num_participants]
   return jnp.sort(chosen).astype(jnp.int32)
+
+
+def iteration_seconds(cfg: RoundConfig, step, seconds_K, sync_K=None):
+  """Each participant's simulated seconds in this step: its split step, plus its FedAvg
+  transfer when the step ends with FedAvg (the server waits for the models too, so the
+  deadline covers them)."""
+  if seconds_K is None or sync_K is None or not cfg.fedavg:
+    return seconds_K
+  return seconds_K + jnp.where((step + 1) % cfg.fedavg_every == 0, sync_K, 0.0)
 
 
 def present_participants(cfg: RoundConfig, key, step, ids_K, seconds_K=None) -> jax.Array:
@@ -105,8 +115,15 @@ def make_participation_round(cfg: RoundConfig, participants_round):
 
   def scatter(state: RoundState, new_K: RoundState, old_K: RoundState, ids_K, present_K,
               averaged) -> RoundState:
+    """The C-client state after the round of K: absent participants' rows unchanged, and
+    with no upload at all nothing changed but the step. That is decided on the K rows
+    and the shared copies, never by a select over all C rows (a copy of the state)."""
     num_clients = cfg.num_clients
-    clients, server = new_K.clients, new_K.server
+    any_present = jnp.any(present_K)
+    unless_none = lambda new, old: components.select_tree(any_present, new, old)
+    clients = (None if per_client_rows  # its rows are kept below
+               else unless_none(new_K.clients, old_K.clients))
+    server = None if per_client_server else unless_none(new_K.server, old_K.server)
     if per_client_rows:
       kept = keep_absent(present_K, new_K.clients, old_K.clients)
       clients = put_rows(state.clients, ids_K, kept)
@@ -118,7 +135,7 @@ def make_participation_round(cfg: RoundConfig, participants_round):
             (components.select_tree(averaged, shared.opt_state, clients.opt_state)
              if cfg.fedavg_opt_state else clients.opt_state))
       if relay:  # the lower handed on is the newest: the last row keeps it
-        clients = with_last_lower(clients, new_K.clients)
+        clients = with_last_lower(clients, unless_none(new_K.clients, old_K.clients))
     if per_client_server:
       kept = keep_absent(present_K, new_K.server, old_K.server)
       server = put_rows(state.server, ids_K, kept)
@@ -132,7 +149,9 @@ def make_participation_round(cfg: RoundConfig, participants_round):
   def round_step(state: RoundState, data: RoundData):
     ids_K = draw_participants(cfg, state.key, state.step, data.weights_C)
     global_ids_K = data.client_ids()[ids_K]
-    seconds_K = None if data.seconds_C is None else data.seconds_C[ids_K]
+    seconds_K = iteration_seconds(
+        cfg, state.step, None if data.seconds_C is None else data.seconds_C[ids_K],
+        None if data.sync_seconds_C is None else data.sync_seconds_C[ids_K])
     present_K = present_participants(cfg, state.key, state.step, global_ids_K, seconds_K)
     any_present = jnp.any(present_K)
     data_K = RoundData(data.train_x, data.train_y, data.idx_CxM[ids_K], data.sizes_C[ids_K],
@@ -142,9 +161,6 @@ def make_participation_round(cfg: RoundConfig, participants_round):
     new_K, metrics = participants_round(state_K, data_K)
     averaged = any_present & ((state.step + 1) % cfg.fedavg_every == 0)
     new_state = scatter(state, new_K, state_K, ids_K, present_K, averaged)
-    # No upload arrived: nothing happened but the step.
-    new_state = components.select_tree(any_present, new_state,
-                                       state.replace(step=state.step + 1))
     metrics = {name: (_per_client_metric(value, ids_K, present_K, cfg.num_clients)
                       if name.endswith("_clients") else value)
                for name, value in metrics.items()}

@@ -65,6 +65,9 @@ class RoundData:
   # Seconds an iteration takes each client as a participant (`accounting`), which a
   # deadline (`RoundConfig.deadline_s`) compares; None: no deadline can apply.
   seconds_C: jax.Array | None = None
+  # Seconds of each client's FedAvg transfer (up and down), which the deadline adds at
+  # the iterations that end with FedAvg: the server waits for models as for smashed data.
+  sync_seconds_C: jax.Array | None = None
 
   def client_ids(self) -> jax.Array:
     """int32 C: the global id of each row."""
@@ -110,16 +113,22 @@ def per_client(clients: ClientState, num_clients: int) -> ClientState:
 
 
 def make_data(train_x: np.ndarray, train_y: np.ndarray, idx_CxM: np.ndarray,
-              sizes_C: np.ndarray, seconds_C: np.ndarray | None = None) -> RoundData:
+              sizes_C: np.ndarray, seconds_C: np.ndarray | None = None,
+              sync_seconds_C: np.ndarray | None = None) -> RoundData:
   """Puts the train split and the partition on the device (`seconds_C`: each client's
-  simulated seconds an iteration, for a deadline)."""
+  simulated seconds an iteration, `sync_seconds_C`: its FedAvg transfer, for a
+  deadline; zeros when only `seconds_C` is given)."""
+  if seconds_C is not None and sync_seconds_C is None:
+    sync_seconds_C = np.zeros_like(seconds_C)
   return RoundData(
       train_x=jnp.asarray(train_x, jnp.uint8),
       train_y=jnp.asarray(train_y, jnp.int32),
       idx_CxM=jnp.asarray(idx_CxM, jnp.int32),
       sizes_C=jnp.asarray(sizes_C, jnp.int32),
       weights_C=jnp.asarray(client_weights(sizes_C)),
-      seconds_C=None if seconds_C is None else jnp.asarray(seconds_C, jnp.float32))
+      seconds_C=None if seconds_C is None else jnp.asarray(seconds_C, jnp.float32),
+      sync_seconds_C=(None if sync_seconds_C is None
+                      else jnp.asarray(sync_seconds_C, jnp.float32)))
 
 
 def used_segment(cfg: RoundConfig, name: str) -> bool:

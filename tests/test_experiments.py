@@ -185,6 +185,10 @@ def test_participation_quick_mode_writes_its_groups_and_plots(tmp_path):
   assert {r["group"] for r in curves} == {"K", "devices", "deadline"}
   for png in ("K", "devices"):
     assert (tmp_path / name / f"{name}_{png}.png").stat().st_size > 1000
+  # The README's tables: a K column per K, and the deadline's run beside the others.
+  text = script("tables").table(name, str(tmp_path))
+  assert "| algorithm | K 2 | K 4 |" in text
+  assert f"| sl | lognormal2 | {deadline['deadline_s']} | " in text
 
 
 def common_evaluations(base, workdir: str) -> list[dict]:

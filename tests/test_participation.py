@@ -320,6 +320,43 @@ def test_ledger_waits_for_the_slowest_present_and_sl_adds_them_up():
     assert acc.totals(7)["bytes_up"] == 10 * present
 
 
+def test_deadline_covers_the_fedavg_transfer():
+  """A participant whose split step meets the deadline but whose model transfer does not
+  is present at iterations without FedAvg and late at those that end with it, in the
+  round and in the ledger; the ledger's iteration then takes at least the deadline."""
+  seconds = np.ones(ALL, np.float32)
+  sync = np.array([0.5, 5.0, 0.5, 5.0, 0.5], np.float32)
+  cfg = algorithm_cfg("locsplitfed", num_clients=ALL, clients_per_round=K, deadline_s=2.0,
+                      fedavg_every=2)
+  data = lfmjax.make_data(*_raw(five_client_data()), seconds_C=seconds,
+                          sync_seconds_C=sync)
+  state = differing_state(cfg)
+  round_step = lfmjax.make_round_step(cfg, MODEL)
+  key, dropped, want = np.asarray(state.key), [], []
+  for t in range(4):
+    ids = plain_participants(key, t)
+    want.append(int((sync[ids] > 1.0).sum()) if t % 2 == 1 else 0)
+    state, metrics = round_step(state, data)
+    dropped.append(int(metrics["dropped"]))
+  assert dropped == want and sum(want) > 0
+  acc = accounting.ParticipationAccounts(cfg, costs_for(seconds, sync), key,
+                                         data.weights_C, ALL,
+                                         accounting.CommLedger(ALL, 10, 20, 7, 2))
+  np.testing.assert_array_equal(acc.participation(0, 4)["late"], sum(want) / 4)
+  total = 0.0
+  for t in range(4):
+    ids = plain_participants(key, t)
+    on_time = sync[ids] <= 1.0 if t % 2 == 1 else np.ones(K, bool)
+    time = 1.0 + (sync[ids][on_time].max() if t % 2 == 1 else 0.0)
+    total += max(time, 2.0) if not on_time.all() else time
+  assert acc.total(4) == pytest.approx(total)
+
+
+def _raw(data):
+  return (np.asarray(data.train_x), np.asarray(data.train_y), np.asarray(data.idx_CxM),
+          np.asarray(data.sizes_C))
+
+
 def test_replayed_draws_equal_the_round_and_resume_exactly():
   """The ledger's replay of participants and dropouts equals what the round did, for
   two seeds, and counting from the middle gives the same totals."""

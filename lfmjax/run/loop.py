@@ -252,7 +252,8 @@ def prepare(config, log: Callable, dataset=None) -> Prepared:
   ledger, latency, costs = make_accounts(config, cfg, model, state, data)
   log(accounting.describe(ledger, latency))
   if costs is not None and cfg.deadline_s is not None:
-    data = data.replace(seconds_C=jnp.asarray(costs.seconds_C, jnp.float32))
+    data = data.replace(seconds_C=jnp.asarray(costs.seconds_C, jnp.float32),
+                        sync_seconds_C=jnp.asarray(costs.sync_C, jnp.float32))
   run = place_run(cfg, model, mesh, config.num_seeds, state, config.seed, x_example, data,
                   config.steps_per_dispatch, probe_size(config.privacy.probe_size, sizes_C))
   if costs is not None:  # the draws replayed from every seed's run key
@@ -310,10 +311,13 @@ def make_accounts(config, cfg, model, state, data):
   costs = accounting.client_seconds(cfg_k, ledger, latency, client_devices,
                                     np.asarray(data.sizes_C), latency.server_flops / steps,
                                     rates.server_flops_per_s)
-  fastest = float(np.min(costs.seconds_C))
+  # At an iteration that ends with FedAvg a participant's time includes its transfer: a
+  # deadline no client meets there would leave the clients never averaged.
+  fastest = float(np.min(costs.seconds_C + (costs.sync_C if cfg.fedavg else 0.0)))
   if cfg.deadline_s is not None and fastest > cfg.deadline_s:
     raise ConfigError(f"config.deadline_s={cfg.deadline_s}: no client can meet it (the "
-                      f"fastest takes {fastest:.4g} simulated s an iteration); raise it")
+                      f"fastest takes {fastest:.4g} simulated s an iteration"
+                      f"{', FedAvg included' if cfg.fedavg else ''}); raise it")
   return ledger, latency, costs
 
 
