@@ -439,7 +439,10 @@ def describe_participation(cfg: RoundConfig, accounts: ParticipationAccounts,
          else f"all {cfg.num_clients} clients")
   drops = (f", dropout {cfg.dropout_prob:g}" if cfg.dropout_prob else "") + (
       f", deadline {cfg.deadline_s:g} s" if cfg.deadline_s is not None else "")
+  sync = accounts.costs.sync_C
+  fedavg = (f" (FedAvg's transfer: {np.median(sync) * 1e3:.2f} ms median, "
+            f"{np.max(sync) * 1e3:.2f} ms slowest)" if cfg.fedavg else "")
   return (f"participation: {who}{drops} | devices {devices}: a participant's iteration "
           f"{np.median(seconds) * 1e3:.2f} ms median, {np.max(seconds) * 1e3:.2f} ms slowest"
-          f" | simulated {accounts.iteration_s * 1e3:.2f} ms/iteration (mean of the first "
+          f"{fedavg} | simulated {accounts.iteration_s * 1e3:.2f} ms/iteration (mean of the first "
           f"{accounts.CHUNK})")
