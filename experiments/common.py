@@ -21,6 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from lfmjax.checkpoint import check_workdir
 from lfmjax.config import base_config
 from lfmjax.train import train_and_evaluate, write_atomically
 
@@ -271,7 +272,8 @@ def run_all(experiment: str, runs: list[Run], out: str | None = None,
     if extend_from:
       _take_over(base, run.config, workdir, extend_from)
     t0 = time.perf_counter()
-    summary = train_and_evaluate(run.config, workdir, quiet=True)
+    summary = (finished_summary(run.config, workdir)
+               or train_and_evaluate(run.config, workdir, quiet=True))
     seeds = summary.get("final_test_accuracy_seeds") or [summary["final_test_accuracy"]]
     row = {**run.labels,
            "test_accuracy": round(100 * summary["final_test_accuracy"], 2),
@@ -287,6 +289,27 @@ def run_all(experiment: str, runs: list[Run], out: str | None = None,
     print(f"[{experiment} {i + 1}/{len(runs)} {run.name}] {row}", flush=True)
     write_csv(os.path.join(root, f"{csv_name or experiment}.csv"), [*keep, *rows])
   return rows
+
+
+def finished_summary(config, workdir: str) -> dict | None:
+  """The summary this run wrote when it finished, if `workdir` holds it finished.
+
+  Re-reading a finished run from its metrics.jsonl loads no data and restores no
+  checkpoint (seconds instead of a minute a run, which a restarted script pays for
+  every run it has done), and leaves the summary with the training's own timings.
+  None when the run is not there, not finished, or is being extended.
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path) or not check_workdir(workdir, config.to_json()):
+    return None
+  try:
+    with open(path) as f:
+      summaries = [r for r in map(json.loads, f) if r.get("type") == "summary"]
+  except ValueError:  # a torn last line: the run's own resume repairs it
+    return None
+  if summaries and summaries[-1]["iterations"] == config.num_iterations:
+    return summaries[-1]
+  return None
 
 
 def rows_not_run(csv_path: str, runs: list[Run], keys=("algorithm", "clients")) -> list[dict]:

@@ -32,7 +32,7 @@ def read_csv(path):
 
 
 @needs_fmnist
-def test_quick_modes_write_tables_and_plots(tmp_path):
+def test_quick_modes_write_tables_and_plots(tmp_path, monkeypatch):
   ablation, convergence, knobs, latency, scalability, sglr_baseline = map(
       script, ("ablation", "convergence", "knobs", "latency", "scalability",
                "sglr_baseline"))
@@ -53,6 +53,19 @@ def test_quick_modes_write_tables_and_plots(tmp_path):
                   "scalability_fmnist_sglr_quick.csv")
   assert [(r["algorithm"], r["clients"]) for r in rows] == [
       ("psl", "1"), ("psl", "2"), ("locfedmix", "1"), ("locfedmix", "2")]
+  # Run again, the finished runs are read from their summaries: nothing is trained,
+  # restored or rewritten, and the table is the same.
+  def must_not_train(*args, **kwargs):
+    raise AssertionError("a finished run was loaded again")
+  monkeypatch.setattr(sys.modules["common"], "train_and_evaluate", must_not_train)
+  summaries = (tmp_path / "scalability_fmnist_sglr_quick" / rows[0]["workdir"] /
+               "metrics.jsonl").read_text()
+  scalability.main(common + ["--algorithms", "psl,locfedmix", "--clients", "1,2"])
+  assert read_csv(tmp_path / "scalability_fmnist_sglr_quick" /
+                  "scalability_fmnist_sglr_quick.csv") == rows
+  assert (tmp_path / "scalability_fmnist_sglr_quick" / rows[0]["workdir"] /
+          "metrics.jsonl").read_text() == summaries
+  monkeypatch.undo()
   for r in rows:
     seeds = [float(a) for a in r["test_accuracy_seeds"].split()]
     assert len(seeds) == 2 and float(r["test_accuracy"]) == pytest.approx(
