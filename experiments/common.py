@@ -373,11 +373,12 @@ def plot(path: str, series: dict[str, tuple[list, list, list | None]], xlabel: s
         ax.plot(x, y, "o-", label=name, markersize=3)
       else:
         ax.errorbar(x, y, yerr=err, fmt="o-", label=name, markersize=3, capsize=2)
-    if logx:  # ticks at the values run (the C grid), not at powers of ten
+    if logx:
       ax.set_xscale("log")
       ticks = sorted({v for x, _, _ in series.values() for v in x})
-      ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
-      ax.minorticks_off()
+      if len(ticks) <= 8:  # a grid (the C values): ticks at its values, not powers of ten
+        ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+        ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
