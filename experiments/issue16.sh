@@ -33,6 +33,8 @@ V=(--seeds 3 --devices 1 --data_dir "$D" --clients 10 --iterations "${CIFAR_ITER
    --eval_every 100 --eval_clients 2)
 $PY scalability.py --setting cifar_vgg_iid "${V[@]}"
 $PY scalability.py --setting cifar_vgg_dir03 "${V[@]}"
+$PY convergence.py --setting cifar_vgg_iid "${V[@]}"     # the same runs, re-read: curves
+$PY convergence.py --setting cifar_vgg_dir03 "${V[@]}"
 # 6. C = 2, last: the issue's first cut when the budget runs out (SKIP_C2=1 skips it).
 [ -n "${SKIP_C2:-}" ] || $PY scalability.py "${R[@]}" --clients 2
 # Tables and the time-to-target, from the finished runs (seconds).
@@ -42,6 +44,7 @@ for t in scalability_sglr_resnet16 bestval_scalability_sglr_resnet16 \
          published_scalability_sglr_resnet16 convergence_sglr_resnet16 \
          latency_sglr_resnet16_80 latency_sglr_resnet16_85 ablation_sglr_resnet16 \
          plateau_scalability_sglr_resnet16 scalability_cifar_vgg_iid \
-         scalability_cifar_vgg_dir03; do
+         scalability_cifar_vgg_dir03 convergence_cifar_vgg_iid \
+         convergence_cifar_vgg_dir03; do
   $PY tables.py "$t"
 done > results/issue16_tables.md
