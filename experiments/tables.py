@@ -8,7 +8,8 @@ iteration (mean accuracy; past 12 evaluations, the first 5 and every 5th after).
 Latency: algorithm x C (simulated seconds to the target, "-" when not reached).
 Ablation and knobs: one row per run. `plateau_<name>` (e.g. plateau_scalability_fmnist_mlp):
 per C, how much the runs' test accuracy still rose over their last fifth.
-`lead_<name>`: per C and algorithm, LocFedMix-SL's accuracy minus that algorithm's,
+`runs_<name>`: every run of a scalability experiment, C from largest to smallest, with
+its seeds, simulated latency and wall time. `lead_<name>`: per C and algorithm, LocFedMix-SL's accuracy minus that algorithm's,
 averaged over all evaluations, and at how many evaluations it was ahead.
 `participation_<setting>` (issue 18): per algorithm and K, the final accuracy, the
 simulated seconds and the seconds to a target accuracy; then, at the devices group's K,
@@ -147,8 +148,23 @@ def participation(name: str, base: str, target: float = 83.0) -> str:
   return "\n".join(out)
 
 
+def runs(name: str, base: str) -> str:
+  """One row per run: the numbers behind a scalability pivot."""
+  rows = read(name, base)
+  order = list(dict.fromkeys(r["algorithm"] for r in rows))
+  out = ["| C | algorithm | test accuracy (%) | seeds | at best validation (%) "
+         "| simulated latency (s) | wall (s) |", "|---|---|---|---|---|---|---|"]
+  for r in sorted(rows, key=lambda r: (-int(r["clients"]), order.index(r["algorithm"]))):
+    seeds = ", ".join(f"{float(x):.2f}" for x in str(r["test_accuracy_seeds"]).split())
+    out.append(f"| {r['clients']} | {r['algorithm']} | {accuracy(r)} | {seeds} | "
+               f"{at_best_val(r)} | {float(r['latency_s']):,.1f} | {float(r['wall_s']):,.1f} |")
+  return "\n".join(out)
+
+
 def table(name: str, base: str = common.RESULTS) -> str:
   kind = name.split("_")[0]
+  if kind == "runs":  # e.g. runs_scalability_sglr_resnet16
+    return runs(name[len("runs_"):], base)
   if kind == "participation":
     return participation(name, base)
   if kind == "published":  # e.g. published_scalability_sglr_resnet16

@@ -135,6 +135,14 @@ def test_sglr_setting_runs_sl_by_epochs_and_reports_best_validation(tmp_path):
                                                                        abs=0.01)
   best = tables.table("bestval_scalability_sglr_resnet16", base=str(tmp_path))
   assert best.splitlines()[2].startswith("| sl | ")
+  # The per-run table: one row a run, each seed's accuracy as the CSV has it.
+  per_run = tables.table("runs_scalability_sglr_resnet16", base=str(tmp_path)).splitlines()
+  assert len(per_run) == 2 + len(rows)
+  for line, r in zip(per_run[2:], rows):
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:2] == ["2", r["algorithm"]]
+    assert [float(x) for x in cells[3].split(",")] == pytest.approx(
+        [float(x) for x in r["test_accuracy_seeds"].split()])
   costs = cost.main(common + ["--algorithms", "psl", "--clients", "2", "--steps", "2"])
   assert costs[0]["s_per_iteration"] > 0 and costs[0]["s_per_eval"] > 0
 
