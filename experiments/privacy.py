@@ -8,6 +8,9 @@ Every run is trained as the other experiments train it (its workdir named by its
 so the eight algorithms' runs are shared with scalability.py's at the same C), then
 attacked at its last checkpoint by `lfmjax.attack` (an honest-but-curious server's
 inverse network, trained on train images no client holds, scored on test images).
+A finished run whose checkpoints are gone (they are not committed; a new machine has
+none) is trained again in `<workdir>/retrained` and attacked there; its row says whether
+the retrained final accuracies equal the committed ones bit for bit.
 Runs:
   * the eight algorithms;
   * LocFedMix-SL with the Loc weight mu in {0, 0.5, 1, 2} (mu = 1 is the preset);
@@ -24,6 +27,8 @@ import os
 
 import common
 from lfmjax import attack
+from lfmjax.checkpoint import checkpoint_steps
+from lfmjax.train import train_and_evaluate
 
 ALGORITHMS = ("sl", "psl", "sfl_v1", "sfl_v2", "locsplitfed", "locfedmix", "sglr", "mix2sfl")
 MU = (0.0, 0.5, 2.0)                 # and 1.0, the locfedmix run
@@ -73,18 +78,53 @@ def attack_settings(args):
   return settings
 
 
-def attacked(workdir: str, settings) -> dict:
-  """The run's attack report, made now unless attack.json holds one with these settings
-  at the run's last checkpoint (so the script resumes where it stopped)."""
+def kept_report(workdir: str, settings, iterations: int) -> dict | None:
+  """attack.json, if it holds a report with these settings at the run's last checkpoint
+  (or, where the checkpoints are gone, at its last iteration)."""
   path = os.path.join(workdir, "attack.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      report = json.load(f)
-    from lfmjax.checkpoint import checkpoint_steps
-    if (report.get("settings") == settings.to_dict()
-        and report.get("iteration") == checkpoint_steps(workdir)[-1]):
-      return report
-  return attack.run_attack(workdir, settings, log=lambda *a: print(*a, flush=True))
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    report = json.load(f)
+  steps = checkpoint_steps(workdir)
+  if (report.get("settings") == settings.to_dict()
+      and report.get("iteration") == (steps[-1] if steps else iterations)):
+    return report
+  return None
+
+
+def retrained(config, workdir: str, log) -> tuple[str, dict]:
+  """A finished run whose checkpoints are gone (they are not committed) trained again in
+  `<workdir>/retrained`, and how its final accuracies compare with the committed ones:
+  a check, across machines and code versions, that a run is reproduced bit for bit."""
+  again = os.path.join(workdir, "retrained")
+  committed = common.finished_summary(config, workdir)
+  if committed is None:
+    raise SystemExit(f"error: {workdir} has neither a checkpoint nor a finished run; "
+                     f"run the experiment again to train it")
+  log(f"{workdir} kept no checkpoint: training it again in {again}")
+  summary = (common.finished_summary(config, again)
+             or train_and_evaluate(config, again, quiet=True))
+
+  def seeds(s):
+    return s.get("final_test_accuracy_seeds") or [s["final_test_accuracy"]]
+
+  diffs = [abs(a - b) for a, b in zip(seeds(summary), seeds(committed))]
+  return again, {"retrained": True, "bit_equal": seeds(summary) == seeds(committed),
+                 "retrain_max_diff": round(100 * max(diffs), 4)}
+
+
+def attacked(config, workdir: str, settings, log=print) -> tuple[dict, dict]:
+  """The run's attack report (made now unless kept, so the script resumes where it
+  stopped) and how the attacked run was had: its own, or trained again."""
+  how = {"retrained": False, "bit_equal": "", "retrain_max_diff": ""}
+  report = kept_report(workdir, settings, config.num_iterations)
+  if report is None and not checkpoint_steps(workdir):
+    workdir, how = retrained(config, workdir, log)
+    report = kept_report(workdir, settings, config.num_iterations)
+  if report is None:
+    report = attack.run_attack(workdir, settings, log=log)
+  return report, how
 
 
 SCORES = ("psnr", "ssim", "mse", "cross_entropy", "dcor")
@@ -106,11 +146,12 @@ def main(argv=None):
   settings = attack_settings(args)
   rows = []
   for run, row in zip(runs, trained):
-    report = attacked(os.path.normpath(os.path.join(base, name, row["workdir"])), settings)
+    report, how = attacked(run.config, os.path.normpath(os.path.join(base, name, row["workdir"])),
+                           settings, log=lambda *a: print(*a, flush=True))
     rows.append({**row, **{k: round(report[k], 4) for k in SCORES},
                  **{f"{k}_std": round(report[f"{k}_std"], 4) for k in SCORES},
                  "attacked_lowers": len(report["targets"]),
-                 "attack_s": report["attack_s"]})
+                 "attack_s": report["attack_s"], **how})
     common.write_csv(os.path.join(base, name, f"{name}.csv"), rows)
   for score, label in (("psnr", "attack PSNR (dB, higher leaks more)"),
                        ("dcor", "dCor(x, u) (higher leaks more)")):

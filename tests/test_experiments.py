@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -167,6 +168,7 @@ def test_privacy_quick_mode_trains_attacks_and_plots_the_frontier(tmp_path):
           "--out", str(tmp_path), "--data_dir", str(fmnist_dir()), "--devices", "1",
           "--setting", "sglr_resnet16",
           "--variants", "psl,locfedmix,locfedmix_quantize_bits_2"]
+  name = "privacy_sglr_resnet16_quick"
   rows = privacy.main(args)
   assert [r["variant"] for r in rows] == ["psl", "locfedmix", "locfedmix_quantize_bits_2"]
   # PSL's lowers differ: the 2 evaluated clients of each of 2 seeds; LocFedMix's are one.
@@ -175,7 +177,18 @@ def test_privacy_quick_mode_trains_attacks_and_plots_the_frontier(tmp_path):
     assert r["psnr"] > 0 and 0 <= r["dcor"] <= 1
   again = privacy.main(args)
   assert [r["attack_s"] for r in again] == [r["attack_s"] for r in rows]  # not redone
-  name = "privacy_sglr_resnet16_quick"
+  assert not any(r["retrained"] for r in again)
+  # A new machine: the committed files without checkpoints. The attacked runs' reports
+  # are re-read; PSL's, removed, is made again on PSL trained again, which must equal
+  # the first training bit for bit.
+  for r in rows:
+    shutil.rmtree(tmp_path / name / r["workdir"] / "checkpoints")
+  (tmp_path / name / rows[0]["workdir"] / "attack.json").unlink()
+  fresh = privacy.main(args)
+  assert [r["retrained"] for r in fresh] == [True, False, False]
+  assert fresh[0]["bit_equal"] is True and fresh[0]["retrain_max_diff"] == 0
+  assert [r["attack_s"] for r in fresh[1:]] == [r["attack_s"] for r in rows[1:]]
+  assert (tmp_path / name / rows[0]["workdir"] / "retrained" / "attack.json").exists()
   for png in ("psnr", "dcor"):
     assert (tmp_path / name / f"{name}_{png}.png").stat().st_size > 1000
 
