@@ -141,11 +141,14 @@ def main(argv=None):
   name = f"privacy_{args.setting}" + ("_quick" if args.quick else "")
   base = args.out or common.RESULTS
   runs = make_runs(args)
-  trained = common.run_all(name, runs, args.out, csv_name=f"{name}_runs",
-                           extend_from=args.extend_from)
   settings = attack_settings(args)
-  rows = []
-  for run, row in zip(runs, trained):
+  trained, rows = [], []
+  # Each run is attacked as soon as it is trained: checkpoints are not committed, so a
+  # run left unattacked when the machine changes would have to be trained again.
+  for run in runs:
+    (row,) = common.run_all(name, [run], args.out, csv_name=f"{name}_runs",
+                            extend_from=args.extend_from, keep=trained)
+    trained.append(row)
     report, how = attacked(run.config, os.path.normpath(os.path.join(base, name, row["workdir"])),
                            settings, log=lambda *a: print(*a, flush=True))
     rows.append({**row, **{k: round(report[k], 4) for k in SCORES},

@@ -161,18 +161,18 @@ def test_long_curves_are_thinned_to_the_first_five_and_every_fifth_evaluation():
 
 @needs_fmnist
 def test_privacy_quick_mode_trains_attacks_and_plots_the_frontier(tmp_path):
-  """Issue 17's experiment on a subset: two algorithms and a defence, each run attacked
-  once; a second invocation re-reads the runs and the attack reports."""
+  """Issue 17's experiment on a subset: an algorithm and a defence on LocFedMix-SL, each
+  run attacked once; a second invocation re-reads the runs and the attack reports."""
   privacy = script("privacy")
   args = ["--quick", "--model", "tiny_cnn", "--seeds", "2", "--iterations", "2",
           "--out", str(tmp_path), "--data_dir", str(fmnist_dir()), "--devices", "1",
           "--setting", "sglr_resnet16",
-          "--variants", "psl,locfedmix,locfedmix_quantize_bits_2"]
+          "--variants", "psl,locfedmix_quantize_bits_2"]
   name = "privacy_sglr_resnet16_quick"
   rows = privacy.main(args)
-  assert [r["variant"] for r in rows] == ["psl", "locfedmix", "locfedmix_quantize_bits_2"]
+  assert [r["variant"] for r in rows] == ["psl", "locfedmix_quantize_bits_2"]
   # PSL's lowers differ: the 2 evaluated clients of each of 2 seeds; LocFedMix's are one.
-  assert [r["attacked_lowers"] for r in rows] == [4, 2, 2]
+  assert [r["attacked_lowers"] for r in rows] == [4, 2]
   for r in rows:
     assert r["psnr"] > 0 and 0 <= r["dcor"] <= 1
   again = privacy.main(args)
@@ -185,7 +185,7 @@ def test_privacy_quick_mode_trains_attacks_and_plots_the_frontier(tmp_path):
     shutil.rmtree(tmp_path / name / r["workdir"] / "checkpoints")
   (tmp_path / name / rows[0]["workdir"] / "attack.json").unlink()
   fresh = privacy.main(args)
-  assert [r["retrained"] for r in fresh] == [True, False, False]
+  assert [r["retrained"] for r in fresh] == [True, False]
   assert fresh[0]["bit_equal"] is True and fresh[0]["retrain_max_diff"] == 0
   assert [r["attack_s"] for r in fresh[1:]] == [r["attack_s"] for r in rows[1:]]
   assert (tmp_path / name / rows[0]["workdir"] / "retrained" / "attack.json").exists()
