@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -81,6 +82,11 @@ def test_cli_runs_a_few_iterations_and_writes_results(synthetic_fmnist, tmp_path
   assert [r["iteration"] for r in evals] == [3, 6]
   assert all(0.0 <= r["test_accuracy"] <= 1.0 and np.isfinite(r["loss_real"]) for r in evals)
   assert records[-1]["type"] == "summary" and records[-1]["iterations"] == 6
+  # What the numbers were computed on: bit-for-bit reproduction needs the same software
+  # and the same kind of CPU (XLA compiles for the host's instruction sets).
+  env = records[-1]["environment"]
+  assert env["jax"] == jax.__version__ and env["platform"] == "cpu" and env["cpu"]
+  assert env["xla_flags"] == os.environ.get("XLA_FLAGS", "")
   config = json.loads((workdir / "config.json").read_text())
   assert config["num_clients"] == 3 and config["model"] == "tiny_cnn"
   assert (workdir / "eval.csv").read_text().startswith("iteration,epoch,test_accuracy")

@@ -31,6 +31,7 @@ from lfmjax.mesh import (Placement, jit_sharded, make_mesh, make_placement, pad_
 from lfmjax.models import get_model
 from lfmjax.models.patch_conv import compiler_options
 from lfmjax.round import make_multi_step, make_round_step
+from lfmjax.run.environment import environment
 from lfmjax.run.lock import WorkdirLock, check_writable
 from lfmjax.run.progress import Progress
 from lfmjax.run.validate import ConfigError, model_input_shape, model_overrides, validate
@@ -455,6 +456,7 @@ def summarize(config, prep: Prepared, wd: Workdir, step: int, train_s: float,
       **prep.ledger.totals(step),
       "latency_s": round(prep.latency.total(step), 6),
       "latency_per_iteration_s": prep.latency.iteration_s,
+      "environment": environment(),
   }
 
 
