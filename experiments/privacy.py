@@ -9,8 +9,9 @@ so the eight algorithms' runs are shared with scalability.py's at the same C), t
 attacked at its last checkpoint by `lfmjax.attack` (an honest-but-curious server's
 inverse network, trained on train images no client holds, scored on test images).
 A finished run whose checkpoints are gone (they are not committed; a new machine has
-none) is trained again in `<workdir>/retrained` and attacked there; its row says whether
-the retrained final accuracies equal the committed ones bit for bit.
+none) is trained again in `<workdir>/retrained` and attacked there; its row gives the
+retrained run's accuracy (the attacked model's), the committed one, and whether they are
+equal bit for bit (on another kind of CPU they are not: BUILD.md).
 Runs:
   * the eight algorithms;
   * LocFedMix-SL with the Loc weight mu in {0, 0.5, 1, 2} (mu = 1 is the preset);
@@ -110,14 +111,22 @@ def retrained(config, workdir: str, log) -> tuple[str, dict]:
     return s.get("final_test_accuracy_seeds") or [s["final_test_accuracy"]]
 
   diffs = [abs(a - b) for a, b in zip(seeds(summary), seeds(committed))]
-  return again, {"retrained": True, "bit_equal": seeds(summary) == seeds(committed),
+  # The row's accuracy is the attacked model's; the committed run's stays beside it.
+  return again, {"test_accuracy": round(100 * summary["final_test_accuracy"], 2),
+                 "test_accuracy_std": round(
+                     100 * (summary.get("final_test_accuracy_std") or 0.0), 2),
+                 "test_accuracy_seeds": " ".join(f"{100 * a:.2f}" for a in seeds(summary)),
+                 **common.best_validation_columns(summary),
+                 "committed_accuracy": round(100 * committed["final_test_accuracy"], 2),
+                 "retrained": True, "bit_equal": seeds(summary) == seeds(committed),
                  "retrain_max_diff": round(100 * max(diffs), 4)}
 
 
 def attacked(config, workdir: str, settings, log=print) -> tuple[dict, dict]:
   """The run's attack report (made now unless kept, so the script resumes where it
   stopped) and how the attacked run was had: its own, or trained again."""
-  how = {"retrained": False, "bit_equal": "", "retrain_max_diff": ""}
+  how = {"committed_accuracy": "", "retrained": False, "bit_equal": "",
+         "retrain_max_diff": ""}
   report = kept_report(workdir, settings, config.num_iterations)
   if report is None and not checkpoint_steps(workdir):
     workdir, how = retrained(config, workdir, log)

@@ -187,6 +187,7 @@ def test_privacy_quick_mode_trains_attacks_and_plots_the_frontier(tmp_path):
   fresh = privacy.main(args)
   assert [r["retrained"] for r in fresh] == [True, False]
   assert fresh[0]["bit_equal"] is True and fresh[0]["retrain_max_diff"] == 0
+  assert fresh[0]["test_accuracy"] == fresh[0]["committed_accuracy"] == rows[0]["test_accuracy"]
   assert [r["attack_s"] for r in fresh[1:]] == [r["attack_s"] for r in rows[1:]]
   assert (tmp_path / name / rows[0]["workdir"] / "retrained" / "attack.json").exists()
   for png in ("psnr", "dcor"):
