@@ -274,12 +274,7 @@ def run_all(experiment: str, runs: list[Run], out: str | None = None,
     t0 = time.perf_counter()
     summary = (finished_summary(run.config, workdir)
                or train_and_evaluate(run.config, workdir, quiet=True))
-    seeds = summary.get("final_test_accuracy_seeds") or [summary["final_test_accuracy"]]
-    row = {**run.labels,
-           "test_accuracy": round(100 * summary["final_test_accuracy"], 2),
-           "test_accuracy_std": round(100 * (summary.get("final_test_accuracy_std") or 0.0), 2),
-           "test_accuracy_seeds": " ".join(f"{100 * a:.2f}" for a in seeds),
-           **best_validation_columns(summary),
+    row = {**run.labels, **accuracy_columns(summary),
            "iterations": summary["iterations"],
            "epochs": evaluations(workdir)[-1]["epoch"] if summary["iterations"] else 0.0,
            "latency_s": round(summary["latency_s"], 2),
@@ -319,6 +314,16 @@ def rows_not_run(csv_path: str, runs: list[Run], keys=("algorithm", "clients")) 
     return []
   mine = {tuple(str(run.labels[k]) for k in keys) for run in runs}
   return [row for row in read_csv(csv_path) if tuple(row[k] for k in keys) not in mine]
+
+
+def accuracy_columns(summary: dict) -> dict:
+  """A run's final test accuracy (mean, std, each seed's) and at its best validation
+  evaluation, in percent, as the experiments' CSVs give them."""
+  seeds = summary.get("final_test_accuracy_seeds") or [summary["final_test_accuracy"]]
+  return {"test_accuracy": round(100 * summary["final_test_accuracy"], 2),
+          "test_accuracy_std": round(100 * (summary.get("final_test_accuracy_std") or 0.0), 2),
+          "test_accuracy_seeds": " ".join(f"{100 * a:.2f}" for a in seeds),
+          **best_validation_columns(summary)}
 
 
 def best_validation_columns(summary: dict) -> dict:

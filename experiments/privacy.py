@@ -112,11 +112,7 @@ def retrained(config, workdir: str, log) -> tuple[str, dict]:
 
   diffs = [abs(a - b) for a, b in zip(seeds(summary), seeds(committed))]
   # The row's accuracy is the attacked model's; the committed run's stays beside it.
-  return again, {"test_accuracy": round(100 * summary["final_test_accuracy"], 2),
-                 "test_accuracy_std": round(
-                     100 * (summary.get("final_test_accuracy_std") or 0.0), 2),
-                 "test_accuracy_seeds": " ".join(f"{100 * a:.2f}" for a in seeds(summary)),
-                 **common.best_validation_columns(summary),
+  return again, {**common.accuracy_columns(summary),
                  "committed_accuracy": round(100 * committed["final_test_accuracy"], 2),
                  "retrained": True, "bit_equal": seeds(summary) == seeds(committed),
                  "retrain_max_diff": round(100 * max(diffs), 4)}
