@@ -9,8 +9,9 @@ Latency: algorithm x C (simulated seconds to the target, "-" when not reached).
 Ablation and knobs: one row per run. `plateau_<name>` (e.g. plateau_scalability_fmnist_mlp):
 per C, how much the runs' test accuracy still rose over their last fifth.
 `runs_<name>`: every run of a scalability experiment, C from largest to smallest, with
-its seeds, simulated latency and wall time. `lead_<name>`: per C and algorithm, LocFedMix-SL's accuracy minus that algorithm's,
-averaged over all evaluations, and at how many evaluations it was ahead.
+its seeds, simulated latency and wall time. `lead_<name>`: per C and algorithm,
+LocFedMix-SL's accuracy minus that algorithm's, averaged over all evaluations, and at
+how many evaluations it was ahead.
 `participation_<setting>` (issue 18): per algorithm and K, the final accuracy, the
 simulated seconds and the seconds to a target accuracy; then, at the devices group's K,
 homogeneous against lognormal devices with and without the deadline.
