@@ -15,6 +15,9 @@ how many evaluations it was ahead.
 `participation_<setting>` (issue 18): per algorithm and K, the final accuracy, the
 simulated seconds and the seconds to a target accuracy; then, at the devices group's K,
 homogeneous against lognormal devices with and without the deadline.
+`privacy_<setting>` (issue 17): per run, the attacked model's accuracy (and, for a run
+trained again, the committed one and the largest seed difference) beside the attack's
+scores, mean ± std over the attacked lowers.
 """
 from __future__ import annotations
 
@@ -162,8 +165,30 @@ def runs(name: str, base: str) -> str:
   return "\n".join(out)
 
 
+def spread(r, key: str, digits: int) -> str:
+  std = float(r.get(f"{key}_std") or 0)
+  return f"{float(r[key]):.{digits}f} ± {std:.{digits}f}"
+
+
+def privacy(name: str, base: str) -> str:
+  """One row per attacked run: accuracy against what the server can reconstruct."""
+  out = ["| run | test accuracy (%) | committed run (%) | largest seed difference (points) "
+         "| PSNR (dB) | SSIM | MSE | reconstruction CE | dCor(x, u) | lowers | attack (s) |",
+         "|---" * 11 + "|"]
+  for r in read(name, base):
+    again = ([f"{float(r['committed_accuracy']):.2f}", f"{float(r['retrain_max_diff']):.2f}"]
+             if str(r.get("retrained")) == "True" else ["", ""])
+    cells = [r["variant"], accuracy(r), *again, spread(r, "psnr", 2), spread(r, "ssim", 3),
+             f"{float(r['mse']):.4f}", f"{float(r['cross_entropy']):.3f}",
+             spread(r, "dcor", 3), str(r["attacked_lowers"]), f"{float(r['attack_s']):.1f}"]
+    out.append("| " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
 def table(name: str, base: str = common.RESULTS) -> str:
   kind = name.split("_")[0]
+  if kind == "privacy":
+    return privacy(name, base)
   if kind == "runs":  # e.g. runs_scalability_sglr_resnet16
     return runs(name[len("runs_"):], base)
   if kind == "participation":

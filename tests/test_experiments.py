@@ -190,6 +190,12 @@ def test_privacy_quick_mode_trains_attacks_and_plots_the_frontier(tmp_path):
   assert fresh[0]["test_accuracy"] == fresh[0]["committed_accuracy"] == rows[0]["test_accuracy"]
   assert [r["attack_s"] for r in fresh[1:]] == [r["attack_s"] for r in rows[1:]]
   assert (tmp_path / name / rows[0]["workdir"] / "retrained" / "attack.json").exists()
+  # The README's table: the retrained PSL beside its committed accuracy, no such column
+  # for the run attacked where it was trained.
+  table = script("tables").table(name, str(tmp_path)).splitlines()[2:]
+  cells = [line.strip("| ").split(" | ") for line in table]
+  assert [c[0] for c in cells] == ["psl", "locfedmix_quantize_bits_2"]
+  assert cells[0][2] == f"{rows[0]['test_accuracy']:.2f}" and cells[1][2:4] == ["", ""]
   for png in ("psnr", "dcor"):
     assert (tmp_path / name / f"{name}_{png}.png").stat().st_size > 1000
 
