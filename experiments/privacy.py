@@ -142,9 +142,15 @@ def main(argv=None):
                  help="comma-separated run names to keep, e.g. psl,locfedmix_mu0")
   p.add_argument("--attack_steps", type=int, default=500, help="the inverse network's steps")
   p.add_argument("--attack_hidden", type=int, default=32, help="its channels")
+  p.add_argument("--replot", action="store_true",
+                 help="redraw the plots from the finished CSV; trains and attacks nothing")
   args = p.parse_args(argv)
   name = f"privacy_{args.setting}" + ("_quick" if args.quick else "")
   base = args.out or common.RESULTS
+  if args.replot:
+    rows = common.read_csv(os.path.join(base, name, f"{name}.csv"))
+    plot_frontiers(base, name, rows, args.setting)
+    return rows
   runs = make_runs(args)
   settings = attack_settings(args)
   trained, rows = [], []
@@ -161,30 +167,68 @@ def main(argv=None):
                  "attacked_lowers": len(report["targets"]),
                  "attack_s": report["attack_s"], **how})
     common.write_csv(os.path.join(base, name, f"{name}.csv"), rows)
-  for score, label in (("psnr", "attack PSNR (dB, higher leaks more)"),
-                       ("dcor", "dCor(x, u) (higher leaks more)")):
-    plot_frontier(os.path.join(base, name, f"{name}_{score}.png"), rows, score, label,
-                  f"{args.setting}, C = {rows[0]['clients']}: accuracy against leakage")
+  plot_frontiers(base, name, rows, args.setting)
   return rows
 
 
+def plot_frontiers(base, name, rows, setting):
+  for score, label in (("psnr", "attack PSNR (dB, higher leaks more)"),
+                       ("dcor", "dCor(x, u) (higher leaks more)")):
+    plot_frontier(os.path.join(base, name, f"{name}_{score}.png"), rows, score, label,
+                  f"{setting}, C = {rows[0]['clients']}: accuracy against leakage")
+
+
+def frontier_series(rows) -> tuple[list[dict], dict[str, list[tuple[str, dict]]]]:
+  """The algorithms' rows, and each sweep of LocFedMix-SL as (strength label, row) in
+  order from the preset (mu = 1, no defence) outwards: mu, then each defence."""
+  by_name = {row["variant"]: row for row in rows}
+  preset = by_name.get("locfedmix")
+  algorithms = [row for row in rows if row["variant"] in ALGORITHMS]
+  sweeps = {}
+  mus = [(float(row["mu"]), row) for row in rows if row.get("mu") not in (None, "")]
+  if preset is not None:
+    mus.append((1.0, preset))
+  if len(mus) > 1:
+    sweeps["mu"] = [(f"{mu:g}", row) for mu, row in sorted(mus, key=lambda m: m[0])]
+  for field in DEFENCES:
+    points = [(f"{float(row['strength']):g}", row) for row in rows
+              if row.get("defence") == field]
+    if points:
+      sweeps[field] = ([("off", preset)] if preset is not None else []) + points
+  return algorithms, sweeps
+
+
 def plot_frontier(path, rows, score, label, title):
-  """Accuracy against one leakage score, a point per run with its spreads."""
-  with common.figure(path, figsize=(7, 4.5)) as (fig, ax):
-    for row in rows:
-      family = row.get("defence") or ("locfedmix (mu)" if row.get("mu") not in (None, "")
-                                      else "algorithm")
-      marker = {"algorithm": "o", "locfedmix (mu)": "s", "noise_snr_db": "v",
-                "nopeek_weight": "^", "quantize_bits": "D"}.get(family, "o")
-      ax.errorbar(float(row[score]), float(row["test_accuracy"]),
-                  xerr=float(row[f"{score}_std"]), yerr=float(row["test_accuracy_std"]),
-                  fmt=marker, markersize=4, capsize=2)
-      ax.annotate(row["variant"], (float(row[score]), float(row["test_accuracy"])),
-                  fontsize=5, xytext=(2, 2), textcoords="offset points")
+  """Accuracy against one leakage score: a labelled point per algorithm, and a line per
+  sweep of LocFedMix-SL (mu, each defence) through its preset, each point marked with its
+  strength."""
+  algorithms, sweeps = frontier_series(rows)
+
+  def xy(row):
+    return (float(row[score]), float(row["test_accuracy"]),
+            float(row[f"{score}_std"]), float(row["test_accuracy_std"]))
+
+  with common.figure(path, figsize=(8, 5)) as (fig, ax):
+    for row in algorithms:
+      x, y, dx, dy = xy(row)
+      ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="o", color="black", markersize=4,
+                  capsize=2, elinewidth=0.6)
+      ax.annotate(row["variant"], (x, y), fontsize=7, xytext=(3, 3),
+                  textcoords="offset points")
+    for (field, points), marker in zip(sweeps.items(), "s^vD"):
+      xs, ys = zip(*[xy(row)[:2] for _, row in points])
+      line, = ax.plot(xs, ys, marker=marker, markersize=4, linewidth=1,
+                      label=f"locfedmix, {field}: " + ", ".join(s for s, _ in points))
+      for (strength, _), x, y in zip(points, xs, ys):
+        if strength != "off":
+          ax.annotate(strength, (x, y), fontsize=6, color=line.get_color(),
+                      xytext=(3, -8), textcoords="offset points")
     ax.set_xlabel(label)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+    if sweeps:
+      ax.legend(fontsize=7, loc="best")
 
 
 if __name__ == "__main__":

@@ -198,6 +198,39 @@ def test_privacy_quick_mode_trains_attacks_and_plots_the_frontier(tmp_path):
   assert cells[0][2] == f"{rows[0]['test_accuracy']:.2f}" and cells[1][2:4] == ["", ""]
   for png in ("psnr", "dcor"):
     assert (tmp_path / name / f"{name}_{png}.png").stat().st_size > 1000
+  # --replot redraws from the CSV alone: no run dir is read, nothing is trained.
+  for png in ("psnr", "dcor"):
+    (tmp_path / name / f"{name}_{png}.png").unlink()
+  shutil.rmtree(tmp_path / name / rows[0]["workdir"])
+  redrawn = privacy.main(args + ["--replot"])
+  assert [r["variant"] for r in redrawn] == [r["variant"] for r in fresh]
+  for png in ("psnr", "dcor"):
+    assert (tmp_path / name / f"{name}_{png}.png").stat().st_size > 1000
+
+
+def test_privacy_frontier_draws_each_sweep_through_the_preset():
+  """The frontier plot's series: the algorithms as points, and mu and each defence as a
+  line that starts at LocFedMix-SL's preset (mu = 1, no defence), mu in numeric order,
+  the defences weak to strong, as the CSV (strings) or privacy.main (numbers) gives them."""
+  privacy = script("privacy")
+  rows = [{"variant": "psl", "mu": "", "defence": ""},
+          {"variant": "locfedmix", "mu": "", "defence": ""},
+          {"variant": "locfedmix_mu2", "mu": "2.0", "defence": ""},
+          {"variant": "locfedmix_mu0", "mu": 0.0},
+          {"variant": "locfedmix_nopeek_weight_0.3", "defence": "nopeek_weight", "strength": 0.3},
+          {"variant": "locfedmix_nopeek_weight_3", "defence": "nopeek_weight", "strength": "3.0"}]
+  algorithms, sweeps = privacy.frontier_series(rows)
+  assert [r["variant"] for r in algorithms] == ["psl", "locfedmix"]
+  assert list(sweeps) == ["mu", "nopeek_weight"]
+  assert [(s, r["variant"]) for s, r in sweeps["mu"]] == [
+      ("0", "locfedmix_mu0"), ("1", "locfedmix"), ("2", "locfedmix_mu2")]
+  assert [(s, r["variant"]) for s, r in sweeps["nopeek_weight"]] == [
+      ("off", "locfedmix"), ("0.3", "locfedmix_nopeek_weight_0.3"),
+      ("3", "locfedmix_nopeek_weight_3")]
+  # Without the preset there is nothing to start from: the sweeps are their own points.
+  _, alone = privacy.frontier_series(rows[2:])
+  assert [s for s, _ in alone["mu"]] == ["0", "2"]
+  assert [s for s, _ in alone["nopeek_weight"]] == ["0.3", "3"]
 
 
 @needs_fmnist
