@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfmjax import models, privacy
+from lfmjax import finetune, models, privacy
 from lfmjax import round as round_lib
 from lfmjax.algorithms import RoundConfig
 from lfmjax.models import SplitModel
@@ -128,8 +128,8 @@ def input_shapes(cfg: RoundConfig, data: RoundData):
 def smashed_shape(cfg: RoundConfig, model: SplitModel, data: RoundData):
   """Abstract smashed data of one client batch (B x S)."""
   x_model, _ = input_shapes(cfg, data)
-  shape = models.smashed_shape(model, x_model.shape[1:])
-  return jax.ShapeDtypeStruct((cfg.batch_size,) + shape, x_model.dtype)
+  one = models.smashed_struct(model, x_model.shape[1:], x_model.dtype)
+  return jax.ShapeDtypeStruct((cfg.batch_size,) + one.shape, one.dtype)
 
 
 def make_ledger(cfg: RoundConfig, model: SplitModel, state: RoundState,
@@ -138,7 +138,7 @@ def make_ledger(cfg: RoundConfig, model: SplitModel, state: RoundState,
   # B * S(L) * itemsize; with quantisation the k-bit codes and each sample's scale.
   elements = int(np.prod(s.shape[1:]))
   up = (privacy.smashed_bytes(elements, cfg.batch_size, s.dtype.itemsize, cfg.quantize_bits)
-        + cfg.batch_size * LABEL_BYTES)
+        + cfg.batch_size * labels_per_sample(data) * LABEL_BYTES)
   # The gradient comes back in full precision.
   down = (0 if cfg.client_gradient == "none"
           else privacy.smashed_bytes(elements, cfg.batch_size, s.dtype.itemsize))
@@ -151,6 +151,11 @@ def make_ledger(cfg: RoundConfig, model: SplitModel, state: RoundState,
   sync_every = cfg.fedavg_every if cfg.fedavg else 0
   return CommLedger(cfg.num_clients, up, down, averaged_client_bytes(cfg, state) if
                     sync_every else 0, sync_every, batches, handoff)
+
+
+def labels_per_sample(data: RoundData) -> int:
+  """Labels a sample uploads: one, or a language model's T next tokens."""
+  return int(np.prod(data.train_y.shape[1:]))
 
 
 def turn_steps(cfg: RoundConfig, data: RoundData) -> np.ndarray:
@@ -167,34 +172,41 @@ def compiled_flops(fn, *args) -> float:
 
 def count_flops(cfg: RoundConfig, model: SplitModel, state: RoundState, data: RoundData
                 ) -> tuple[float, float]:
-  """(one client's FLOPs, the server's FLOPs) per iteration, from XLA's cost analysis."""
-  client_forward = round_lib.make_client_forward(cfg, model)
-  client_update = round_lib.make_client_update(cfg)
+  """(one client's FLOPs, the server's FLOPs) per iteration, from XLA's cost analysis.
+  A frozen backbone is an argument of the programs, as in the round."""
   x_model, x01 = input_shapes(cfg, data)
   s = smashed_shape(cfg, model, data)
-  y = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32)
+  y = jax.ShapeDtypeStruct((cfg.batch_size,) + tuple(data.train_y.shape[1:]), jnp.int32)
   clients = one_client(state.clients)
+  bound = lambda frozen: finetune.bind_frozen(model, frozen)
 
-  def client_work(params, stats, opt_state, x, x01, y, g):
+  def client_work(frozen, params, stats, opt_state, x, x01, y, g):
+    client_forward = round_lib.make_client_forward(cfg, bound(frozen))
     s, vjp, ds_local, head_grads, new_stats, _, _ = client_forward(params, stats, x, x01, y)
-    return client_update(params, opt_state, vjp, g, ds_local, head_grads), s
+    return round_lib.make_client_update(cfg)(params, opt_state, vjp, g, ds_local,
+                                             head_grads), s
 
-  client = compiled_flops(client_work, clients.params, clients.stats, clients.opt_state,
-                          x_model, x01, y, s)
+  client = compiled_flops(client_work, state.frozen, clients.params, clients.stats,
+                          clients.opt_state, x_model, x01, y, s)
   if cfg.server_mode == "single":
-    phase = round_lib.make_server_phase(cfg, model)
     c = cfg.num_clients
-    server = compiled_flops(
-        lambda sv, s, y, w, k: phase(sv, s, y, w, k, jnp.zeros((), jnp.int32)),
-        state.server, jax.ShapeDtypeStruct((c,) + s.shape, s.dtype),
-        jax.ShapeDtypeStruct((c, cfg.batch_size), jnp.int32), data.weights_C, state.key)
+
+    def server_work(frozen, sv, s, y, w, k):
+      phase = round_lib.make_server_phase(cfg, bound(frozen))
+      return phase(sv, s, y, w, k, jnp.zeros((), jnp.int32))
+
+    server = compiled_flops(server_work, state.frozen, state.server,
+                            jax.ShapeDtypeStruct((c,) + s.shape, s.dtype),
+                            jax.ShapeDtypeStruct((c,) + y.shape, jnp.int32), data.weights_C,
+                            state.key)
   else:  # a step per client (vanilla SL: per mini-batch of a turn), one after another
-    step_one = round_lib.make_server_step_one(cfg, model)
     server_one = (one_client(state.server) if cfg.server_mode == "per_client"
                   else state.server)
     steps = (int(turn_steps(cfg, data).sum()) if cfg.server_mode == "relay"
              else cfg.num_clients)
-    server = steps * compiled_flops(step_one, server_one, s, y)
+    server = steps * compiled_flops(
+        lambda frozen, *a: round_lib.make_server_step_one(cfg, bound(frozen))(*a),
+        state.frozen, server_one, s, y)
   return client, server
 
 

@@ -75,6 +75,7 @@ SWITCH_HELP: dict[str, str] = {
 }
 
 NORMALIZATIONS = ("none", "pm1", "standard")
+INPUTS = ("images", "tokens")
 PARTICIPANT_SAMPLINGS = ("uniform", "by_size")
 SERVER_MODES = ("single", "per_client", "sequential", "relay")
 CLIENT_GRADIENTS = ("own", "none")
@@ -138,6 +139,9 @@ class RoundConfig:
   server_lr_exponent: float = 0.0
   client_tx: optax.GradientTransformation | None = None
   server_tx: optax.GradientTransformation | None = None
+  # Fine-tuning (`lfmjax.finetune`): segments ('lower', 'upper') whose params, their LoRA
+  # adapters aside, are a frozen backbone held once (RoundState.frozen).
+  frozen_segments: tuple[str, ...] = ()
   # Privacy (`lfmjax.privacy`): defences on every upload of smashed data, and NoPeek.
   noise_std: float = 0.0                  # Gaussian noise sigma on s (0: off)
   noise_snr_db: float | None = None       # or the sigma giving this SNR on each batch
@@ -149,6 +153,7 @@ class RoundConfig:
   dropout_prob: float = 0.0               # a participant drops out of an iteration with p
   deadline_s: float | None = None         # participants slower than this are dropped
   # Input pipeline, applied on the device to the uint8 batch.
+  inputs: str = "images"                  # 'images', or 'tokens' (a text corpus's bytes)
   resize_to: int | None = None
   channels: int | None = None
   normalize: str = "none"
@@ -189,6 +194,8 @@ class RoundConfig:
          f"epoch)"),
         (self.sl_turn_steps is not None and self.server_mode != "relay", "sl_turn_steps",
          "turns belong to vanilla SL (server_mode='relay'); leave it unset"),
+        (not set(self.frozen_segments) <= {"lower", "upper"}, "frozen_segments",
+         "a subset of ('lower', 'upper')"),
         *self._privacy_rules(),
         *self._participation_rules(),
         *self._input_rules(),
@@ -228,7 +235,12 @@ class RoundConfig:
 
   def _input_rules(self):
     channels = self.channels
+    tokens = self.inputs == "tokens"
     for bad, field, fix in (
+        (self.inputs not in INPUTS, "inputs", f"use one of {', '.join(INPUTS)}"),
+        *((tokens and getattr(self, name) not in (None, "none"), name,
+           "token inputs (a text corpus) take no image preprocessing; leave it unset")
+          for name in ("resize_to", "channels", "normalize", "mean", "std")),
         (self.normalize not in NORMALIZATIONS, "normalize",
          f"use one of {', '.join(NORMALIZATIONS)}"),
         (self.resize_to is not None and not 2 <= self.resize_to <= MAX_SIDE, "resize_to",
@@ -261,9 +273,20 @@ class RoundConfig:
            "above 0")
 
   def preprocess(self, x_uint8):
-    """uint8 images -> (x_model, x01) with this run's resize, channels, normalisation."""
+    """uint8 images -> (x_model, x01) with this run's resize, channels, normalisation;
+    uint8 tokens -> (tokens, tokens) as int32 (the model reads them, the Loc decoder
+    predicts them back)."""
+    if self.inputs == "tokens":
+      tokens = jnp.asarray(x_uint8).astype(jnp.int32)
+      return tokens, tokens
     return preprocess(x_uint8, resize_to=self.resize_to, channels=self.channels,
                       normalize=self.normalize, mean=self.mean, std=self.std)
+
+  @property
+  def reconstruction_kind(self) -> str:
+    """The Loc decoder's loss R: `local_loss_kind` on images; on tokens the
+    cross-entropy of the input tokens (a sigmoid of bytes would mean nothing)."""
+    return "ce" if self.inputs == "tokens" else self.local_loss_kind
 
   @property
   def defends_upload(self) -> bool:
@@ -408,14 +431,16 @@ def resolve_switches(config: Any) -> dict[str, bool]:
           for name in SWITCHES}
 
 
-def round_config_from(config: Any, num_classes: int, sizes_C=None) -> RoundConfig:
+def round_config_from(config: Any, num_classes: int, sizes_C=None,
+                      inputs: str = "images") -> RoundConfig:
   """The RoundConfig an ml_collections config names: its algorithm's preset with the
   config's fields over it (the config uses RoundConfig's names). Server steps an
   iteration count the K participants (`clients_per_round`).
 
   `sizes_C`, the clients' data sizes, fix the schedules' horizon of vanilla SL, whose
   clients and server step once per mini-batch of a turn: without them a turn counts
-  as one step (enough to check a config)."""
+  as one step (enough to check a config). `inputs`: the dataset's kind ('images' or
+  'tokens', `Dataset.kind`)."""
   local_ce_weight = config.local_ce_weight
   if local_ce_weight is None:
     local_ce_weight = ALGORITHMS[config.algorithm]["local_ce_weight"]
@@ -432,7 +457,7 @@ def round_config_from(config: Any, num_classes: int, sizes_C=None) -> RoundConfi
   same_names = ("num_clients", "batch_size", "local_loss_weight", "local_loss_kind",
                 "num_mixed", "mixup_alpha", "mix_grad_to_clients", "fedavg_every",
                 "fedavg_opt_state", "averaged_clients", "gradmix_fraction")
-  inputs = config.input
+  image = config.input
   turns = {} if config.sl_turn_steps is None else {"sl_turn_steps": config.sl_turn_steps}
   if ALGORITHMS[config.algorithm]["server_mode"] == "relay" and sizes_C is not None:
     steps_C = turn_steps(np.asarray(sizes_C), config.batch_size, config.sl_turn_steps)
@@ -441,6 +466,8 @@ def round_config_from(config: Any, num_classes: int, sizes_C=None) -> RoundConfi
         int(steps_C.sum()) if participants == config.num_clients
         else int(round(float(steps_C.mean()) * participants)))
   participation = {name: config[name] for name in PARTICIPATION_FIELDS if name in config}
+  lora = config.get("lora") or {}
+  frozen = ("lower", "upper") if lora and lora.get("rank") else ()
   privacy_fields = config.get("privacy") or {}
   defences = {name: privacy_fields[name] for name in PRIVACY_FIELDS if name in privacy_fields}
   return preset(
@@ -450,9 +477,9 @@ def round_config_from(config: Any, num_classes: int, sizes_C=None) -> RoundConfi
       local_ce_weight=float(local_ce_weight), server_lr_exponent=float(exponent),
       client_opt=optimizer_spec(config, "client", config.client_lr, client_steps),
       server_opt=optimizer_spec(config, "server", float(server_lr), server_steps),
-      resize_to=inputs.resize_to, channels=inputs.channels, normalize=inputs.normalize,
-      mean=tuple(inputs.mean) if inputs.mean else None,
-      std=tuple(inputs.std) if inputs.std else None)
+      frozen_segments=frozen, inputs=inputs, resize_to=image.resize_to, channels=image.channels,
+      normalize=image.normalize, mean=tuple(image.mean) if image.mean else None,
+      std=tuple(image.std) if image.std else None)
 
 
 # RoundConfig's fields the config holds at its top level for participation.

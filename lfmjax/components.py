@@ -31,13 +31,16 @@ def reconstruction_loss(logits_BxHxWxC: jax.Array, x01_BxHxWxC: jax.Array,
   """InfoPro's reconstruction loss R(x, sigmoid(decoder(s))), a lower bound on I(x; s).
 
   `kind="bce"` is binary cross-entropy against x in [0, 1] (InfoPro's choice, computed
-  from logits for stability); `kind="mse"` is the mean squared error of the sigmoid.
+  from logits for stability); `kind="mse"` is the mean squared error of the sigmoid;
+  `kind="ce"` (token inputs, x01 the tokens) the cross-entropy of the input tokens.
   """
   if kind == "bce":
     return optax.sigmoid_binary_cross_entropy(logits_BxHxWxC, x01_BxHxWxC).mean()
   if kind == "mse":
     return jnp.mean((jax.nn.sigmoid(logits_BxHxWxC) - x01_BxHxWxC) ** 2)
-  raise ValueError(f"reconstruction loss kind {kind!r} is not 'bce' or 'mse'")
+  if kind == "ce":  # token inputs: the decoder predicts each input token back
+    return cross_entropy(logits_BxHxWxC, x01_BxHxWxC.astype(jnp.int32))
+  raise ValueError(f"reconstruction loss kind {kind!r} is not 'bce', 'mse' or 'ce'")
 
 
 def mix_partners(key: jax.Array, num_clients: int, num_mixed: int) -> jax.Array:
@@ -71,6 +74,8 @@ def smashmix_one(key: jax.Array, s_BxS: jax.Array, y_B: jax.Array, partner_s_BxS
 
   Per-sample lambda ~ Beta(alpha, alpha); s~ = lam s_k + (1-lam) s_j[perm] and the
   same convex combination of the one-hot labels. Returns (s_mix_BxS, y_mix_BxK).
+  Labels with more axes than the batch (a language model's next tokens, B x T) mix
+  position by position with their sample's lambda: y_mix is B x T x K.
   """
   key_perm, key_lam = jax.random.split(key)
   batch = s_BxS.shape[0]
@@ -80,7 +85,8 @@ def smashmix_one(key: jax.Array, s_BxS: jax.Array, y_B: jax.Array, partner_s_BxS
   s_mix = lam_s * s_BxS + (1.0 - lam_s) * partner_s_BxS[perm_B]
   onehot = jax.nn.one_hot(y_B, num_classes, dtype=s_BxS.dtype)
   partner_onehot = jax.nn.one_hot(partner_y_B[perm_B], num_classes, dtype=s_BxS.dtype)
-  y_mix = lam_B[:, None] * onehot + (1.0 - lam_B[:, None]) * partner_onehot
+  lam_y = lam_B.reshape((batch,) + (1,) * (onehot.ndim - 1))
+  y_mix = lam_y * onehot + (1.0 - lam_y) * partner_onehot
   return s_mix, y_mix
 
 

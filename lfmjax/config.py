@@ -36,11 +36,11 @@ def _algorithm_fields(c: ml_collections.ConfigDict) -> None:
 
 def _data_fields(c: ml_collections.ConfigDict) -> None:
   """Data."""
-  c.dataset = "fashion_mnist"        # fashion_mnist | cifar10
+  c.dataset = "fashion_mnist"        # fashion_mnist | cifar10 | kjv (text, by book) | kjv_public
   c.data_dir = config_dict.placeholder(str)  # else $LFMJAX_DATA_DIR, system dirs, cache
   c.data_download = True             # try the official download if no local copy
   c.data_verify = True               # check the official checksums and counts (False: subsets)
-  c.partition = "iid"                # iid | dirichlet | shards | fixed
+  c.partition = "iid"                # iid | dirichlet | shards | fixed | groups (text: books)
   c.dirichlet_alpha = 0.5            # Dirichlet concentration (partition=dirichlet)
   c.classes_per_client = 2           # classes a client sees (partition=shards)
   c.samples_per_client = 1000        # samples a client holds (partition=fixed, SGLR)
@@ -52,11 +52,12 @@ def _data_fields(c: ml_collections.ConfigDict) -> None:
   c.input.normalize = "none"         # none: [0,1] | pm1: [-1,1] | standard: (x-mean)/std
   c.input.mean = config_dict.placeholder(tuple)     # per-channel, normalize=standard
   c.input.std = config_dict.placeholder(tuple)      # per-channel, normalize=standard
+  c.input.seq_len = 128              # text datasets: byte tokens a sample (its targets: the next)
 
 
 def _model_fields(c: ml_collections.ConfigDict) -> None:
   """Model."""
-  c.model = "bench_cnn"              # bench_cnn | resnet16 | vgg | tiny_cnn | mlp
+  c.model = "bench_cnn"              # bench_cnn | resnet16 | vgg | tiny_cnn | mlp | vit | lm
   c.model_overrides = ml_collections.ConfigDict()  # None: the model's default
   o = c.model_overrides  # each model takes some of these (`--config.model_overrides.cut=1`)
   o.cut_stage = config_dict.placeholder(int)       # resnet16: stages on the client (1-3)
@@ -64,8 +65,25 @@ def _model_fields(c: ml_collections.ConfigDict) -> None:
   o.widths = config_dict.placeholder(tuple)        # vgg: channels per block
   o.hidden = config_dict.placeholder(int)          # vgg, mlp: hidden units of the dense layer
   o.batch_norm = config_dict.placeholder(bool)     # vgg: BatchNorm after each conv
-  o.width = config_dict.placeholder(int)           # tiny_cnn: channels of its conv
-  o.decoder_hidden = config_dict.placeholder(int)  # conv models: the Loc decoder's channels
+  o.width = config_dict.placeholder(int)           # tiny_cnn: channels; vit, lm: token width
+  o.decoder_hidden = config_dict.placeholder(int)  # conv models, vit: the Loc decoder's width
+  o.patch = config_dict.placeholder(int)           # vit: patch side in pixels
+  o.depth = config_dict.placeholder(int)           # vit, lm: encoder blocks in all
+  o.heads = config_dict.placeholder(int)           # vit, lm: attention heads
+  o.mlp_dim = config_dict.placeholder(int)         # vit, lm: hidden units of a block's MLP
+  o.pool = config_dict.placeholder(str)            # vit: mean | cls (a class token)
+  # (vit, lm: `cut` is the blocks on the client)
+  _finetune_fields(c)
+
+
+def _finetune_fields(c: ml_collections.ConfigDict) -> None:
+  """Fine-tuning a pretrained backbone with LoRA adapters (`lfmjax.finetune`; vit, lm)."""
+  c.pretrained = config_dict.placeholder(str)  # a pretraining run's --workdir; None: from scratch
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0                    # r of the adapters B A; 0: no adapters, train everything
+  c.lora.alpha = 16.0                # the adapters' scale is alpha / r
+  c.lora.targets = ("query", "key", "value", "out")  # dense layers adapted (also mlp1, mlp2)
+  c.lora.segments = "both"           # client | server | both: where adapters train; rest frozen
 
 
 def _component_fields(c: ml_collections.ConfigDict) -> None:

@@ -8,12 +8,14 @@ Evaluation uses BatchNorm running statistics.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lfmjax import components, privacy
+from lfmjax import components, finetune, privacy
 from lfmjax.algorithms import RoundConfig
 from lfmjax.models import SplitModel, apply_module
 from lfmjax.models.patch_conv import compiler_options
@@ -34,32 +36,36 @@ def pad_to_chunks(x: np.ndarray, y: np.ndarray, chunk: int):
   chunks = -(-n // chunk)
   pad = chunks * chunk - n
   x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-  y = np.concatenate([y, np.zeros((pad,), y.dtype)])
+  y = np.concatenate([y, np.zeros((pad,) + y.shape[1:], y.dtype)])
   mask = np.arange(chunks * chunk) < n
-  return (x.reshape((chunks, chunk) + x.shape[1:]), y.reshape(chunks, chunk),
+  return (x.reshape((chunks, chunk) + x.shape[1:]), y.reshape((chunks, chunk) + y.shape[1:]),
           mask.reshape(chunks, chunk))
 
 
 def make_evaluate(cfg: RoundConfig, model: SplitModel, *, jit: bool = True):
   """Returns `evaluate(state, weights_C, client_ids, test) -> {'accuracy', 'loss'}`
-  (jitted unless `jit=False`).
+  (jitted unless `jit=False`): the mean over targets, a sample's label or, for a
+  language model, each next token (accuracy is then top-1 next-token accuracy and
+  exp(loss) the perplexity).
 
   `test` is `(x_TxChunk uint8, y_TxChunk, mask_TxChunk)` from `pad_to_chunks`.
   """
 
-  def logits_of(lower_vars, upper_vars, x_uint8, key):
+  def logits_of(model, lower_vars, upper_vars, x_uint8, key):
     x_model, _ = cfg.preprocess(x_uint8)
     s, _ = apply_module(model.lower, lower_vars, x_model, train=False)
     # The model as deployed: the server sees the defended upload (`privacy.defend`).
     logits, _ = apply_module(model.upper, upper_vars, cfg.defend(key, s), train=False)
     return logits
 
-  def score(lower_vars, upper_vars, test, key):
-    """Summed correct and summed loss over the (masked) test split."""
+  def score_with(model, lower_vars, upper_vars, test, key):
+    """Summed correct and summed loss over the (masked) test split: per sample, or per
+    target token where a sample has several (a language model's next tokens)."""
     def chunk_score(args):
       x, y, mask, i = args
-      logits = logits_of(lower_vars, upper_vars, x, jax.random.fold_in(key, i))
+      logits = logits_of(model, lower_vars, upper_vars, x, jax.random.fold_in(key, i))
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      mask = mask.reshape(mask.shape + (1,) * (y.ndim - 1))
       return (jnp.sum(mask * (jnp.argmax(logits, -1) == y)), jnp.sum(mask * loss))
     chunk_ids = jnp.arange(test[1].shape[0], dtype=jnp.int32)
     correct, loss = jax.lax.map(chunk_score, (*test, chunk_ids))
@@ -67,12 +73,13 @@ def make_evaluate(cfg: RoundConfig, model: SplitModel, *, jit: bool = True):
 
   def evaluate(state: RoundState, weights_C, client_ids, test):
     clients, server = state.clients, state.server
+    score = functools.partial(score_with, finetune.bind_frozen(model, state.frozen))
     key = jax.random.fold_in(state.key, privacy.TAG_EVAL_NOISE)
     upper_vars = {"params": server.params, **server.stats}
     if cfg.server_mode == "per_client":  # SFL-V1's copies, averaged as FedAvg would
       upper_vars = components.weighted_mean(upper_vars, weights_C)
     lower_C = {"params": clients.params["lower"], **clients.stats["lower"]}
-    n = jnp.sum(test[2])
+    n = jnp.sum(test[2]) * int(np.prod(test[1].shape[2:]))  # targets scored
     if cfg.server_mode == "relay":  # vanilla SL: the last client's lower is the model
       correct, loss = score(jax.tree.map(lambda a: a[-1], lower_C), upper_vars, test, key)
     elif cfg.client_phase == "averaged":  # one copy for all clients
@@ -101,6 +108,7 @@ def make_leakage_probe(cfg: RoundConfig, model: SplitModel, size: int):
   (NoPeek's leakage measure, Vepakomma et al. 2020; `privacy.distance_correlation`)."""
 
   def dcor(state: RoundState, data):
+    bound = finetune.bind_frozen(model, state.frozen)
     idx_CxP = data.idx_CxM[:, :size]
     x_model, x01 = cfg.preprocess(data.train_x[idx_CxP])
     lower_C = {"params": state.clients.params["lower"], **state.clients.stats["lower"]}
@@ -108,7 +116,7 @@ def make_leakage_probe(cfg: RoundConfig, model: SplitModel, size: int):
     key = jax.random.fold_in(state.key, privacy.TAG_EVAL_NOISE)
 
     def one(lower, x_model, x01, k):
-      s, _ = apply_module(model.lower, lower, x_model, train=False)
+      s, _ = apply_module(bound.lower, lower, x_model, train=False)
       u = cfg.defend(jax.random.fold_in(key, k), s)
       return privacy.distance_correlation(x01, u)
 

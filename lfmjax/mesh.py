@@ -5,6 +5,7 @@ Layout (C clients padded to C' = a multiple of the device count D, C'/D per devi
     state.clients.*        C' x ...   P('clients')   client k on device k // (C'/D)
                                                      (the averaged phase's one copy: P())
     state.server.*         ...        P()            replicated (SFL-V1's copies: P('clients'))
+    state.frozen.*         ...        P()            replicated: a frozen backbone (LoRA), once
     state.step, state.key  scalar     P()
     data.idx_CxM, sizes_C, weights_C  P('clients')   each process feeds its own clients' rows
     data.train_x, train_y  N x ...    P()            the raw train split, on every device
@@ -70,7 +71,8 @@ def state_specs(cfg: RoundConfig, state: RoundState, seeds: bool = False) -> Rou
   clients = client if _clients_are_per_client(cfg) else P()
   return RoundState(step=P(), key=P(),
                     clients=jax.tree.map(lambda _: clients, state.clients),
-                    server=jax.tree.map(lambda _: server, state.server))
+                    server=jax.tree.map(lambda _: server, state.server),
+                    frozen=jax.tree.map(lambda _: P(), state.frozen))
 
 
 def data_specs(seconds: bool = False) -> RoundData:

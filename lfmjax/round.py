@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from lfmjax import components, participation, privacy
+from lfmjax import components, finetune, participation, privacy
 from lfmjax.algorithms import RoundConfig
 from lfmjax.data import batch_indices, client_batch_indices
 from lfmjax.models import SplitModel, apply_module, has_stem
@@ -106,7 +106,7 @@ def make_local_losses(cfg: RoundConfig, model: SplitModel):
   d/ds, target 'x01' | 'y')}, one client's loss on its head's outputs."""
 
   def rec(logits, x01):
-    return components.reconstruction_loss(logits, x01, cfg.local_loss_kind)
+    return components.reconstruction_loss(logits, x01, cfg.reconstruction_kind)
 
   terms = {}
   if cfg.uses_decoder:
@@ -374,7 +374,7 @@ def make_server_loss(cfg: RoundConfig, model: SplitModel):
   mix_after_stem = cfg.smashmix and has_stem(model.upper)
 
   def mixed_loss(key_mix, params, stats, a_CxBx, y_CxB, weights_C, method):
-    num_clients, batch = y_CxB.shape
+    num_clients, batch = y_CxB.shape[:2]
     a_mix, y_mix = components.smashmix(key_mix, a_CxBx, y_CxB, cfg.num_classes,
                                        cfg.mixup_alpha, cfg.num_mixed,
                                        weights_C > 0 if cfg.may_drop else None)
@@ -384,11 +384,11 @@ def make_server_loss(cfg: RoundConfig, model: SplitModel):
                            a_mix.reshape((-1,) + a_CxBx.shape[2:]), train=True,
                            method=method)
     mix_loss_CxN = jax.vmap(jax.vmap(components.soft_cross_entropy))(
-        mix_logits.reshape(num_clients, cfg.num_mixed, batch, -1), y_mix)
+        mix_logits.reshape(y_mix.shape), y_mix)
     return components.weighted_sum(weights_C, mix_loss_CxN.mean(axis=1))
 
   def server_loss(params, stats, s_CxBxS, y_CxB, weights_C, key_mix):
-    num_clients, batch = y_CxB.shape
+    num_clients, batch = y_CxB.shape[:2]
     flat_s = s_CxBxS.reshape((num_clients * batch,) + s_CxBxS.shape[2:])
     # The server normalises over the concatenated batch it receives (BatchNorm).
     if mix_after_stem:
@@ -401,7 +401,7 @@ def make_server_loss(cfg: RoundConfig, model: SplitModel):
       logits, new_stats = _apply(model.upper, params, stats, z, train=True, method="head")
     else:
       logits, new_stats = _apply(model.upper, params, stats, flat_s, train=True)
-    logits_CxBxK = logits.reshape(num_clients, batch, -1)
+    logits_CxBxK = logits.reshape((num_clients, batch) + logits.shape[1:])
     loss_C = jax.vmap(components.cross_entropy)(logits_CxBxK, y_CxB)
     loss_real = components.weighted_sum(weights_C, loss_C)
     correct = jnp.mean(jnp.argmax(logits_CxBxK, -1) == y_CxB)
@@ -581,13 +581,22 @@ def make_round_step(cfg: RoundConfig, model: SplitModel, *, jit: bool = True,
 
 
 def make_all_clients_round(cfg: RoundConfig, model: SplitModel, mesh: Mesh | None = None):
-  """The round in which every client of `cfg` takes part (weight 0: absent)."""
-  if cfg.client_phase == "relay":
-    return make_relay_round(cfg, model)
-  split = mesh is not None and mesh.size > 1  # no loops over groups of split clients
-  phase = (make_averaged_client_phase(cfg, model, split)
-           if cfg.client_phase == "averaged" else make_per_client_phase(cfg, model, mesh))
-  return make_parallel_round(cfg, model, phase, mesh)
+  """The round in which every client of `cfg` takes part (weight 0: absent). A frozen
+  backbone in the state (`RoundState.frozen`) is bound to the model's segments at
+  trace time (`finetune.bind_frozen`): an argument of the program, held once."""
+
+  def build(model: SplitModel):
+    if cfg.client_phase == "relay":
+      return make_relay_round(cfg, model)
+    split = mesh is not None and mesh.size > 1  # no loops over groups of split clients
+    phase = (make_averaged_client_phase(cfg, model, split)
+             if cfg.client_phase == "averaged" else make_per_client_phase(cfg, model, mesh))
+    return make_parallel_round(cfg, model, phase, mesh)
+
+  def round_step(state: RoundState, data: RoundData):
+    return build(finetune.bind_frozen(model, state.frozen))(state, data)
+
+  return round_step
 
 
 def average_clients(cfg: RoundConfig, clients: ClientState, weights_C) -> ClientState:
@@ -702,8 +711,7 @@ def make_parallel_round(cfg: RoundConfig, model: SplitModel, clients_forward,
                **learning_rates(cfg, state.step),
                "grad_cosine_clients": jax.vmap(privacy.gradient_cosine)(g_true_CxBxS,
                                                                         g_CxBxS)}
-    new_state = RoundState(step=state.step + 1, key=state.key, clients=new_clients,
-                           server=new_server)
+    new_state = state.replace(step=state.step + 1, clients=new_clients, server=new_server)
     return new_state, metrics
 
   return round_step
@@ -774,8 +782,8 @@ def make_relay_round(cfg: RoundConfig, model: SplitModel):
                "loss_aux": components.weighted_sum(w, aux_C),
                **learning_rates(cfg, state.step, client_steps=steps_per_turn,
                                 server_steps=jnp.sum(turns_C))}
-    new_state = RoundState(step=state.step + 1, key=state.key,
-                           clients=ClientState(params, stats, opt_state), server=new_server)
+    new_state = state.replace(step=state.step + 1,
+                              clients=ClientState(params, stats, opt_state), server=new_server)
     return new_state, metrics
 
   return round_step

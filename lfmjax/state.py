@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lfmjax import finetune
 from lfmjax.algorithms import RoundConfig
 from lfmjax.data import client_weights
 from lfmjax.models import SplitModel, has_stem, init_split
@@ -49,6 +50,11 @@ class RoundState:
   key: jax.Array      # the run's PRNG key; every draw is fold_in(key, tag, step)
   clients: ClientState
   server: ServerState
+  # A frozen backbone held once for all clients (LoRA fine-tuning, `lfmjax.finetune`):
+  # {'lower'|'upper': the segment's params that no one trains}; empty otherwise. The
+  # round binds it to the model's segments (`finetune.bind_frozen`), so it is a constant
+  # of the program, with no client axis, no gradient and no optimiser state.
+  frozen: dict = flax.struct.field(default_factory=dict)
 
 
 @flax.struct.dataclass
@@ -139,19 +145,26 @@ def used_segment(cfg: RoundConfig, name: str) -> bool:
 
 def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,
                x_example: jax.Array, *, client_tx: optax.GradientTransformation | None = None,
-               server_tx: optax.GradientTransformation | None = None) -> RoundState:
+               server_tx: optax.GradientTransformation | None = None,
+               backbone: dict | None = None) -> RoundState:
   """The initial state: every client holds the same freshly initialised segments.
 
-  `x_example` is one model-input batch (B x H x W x C, float) used only for shapes.
-  `client_tx`/`server_tx`: optax transformations in place of the config's (pass the
-  same to `make_round_step`).
+  `x_example` is one model-input batch (B x H x W x C, float; B x T int32 tokens) used
+  only for shapes. `client_tx`/`server_tx`: optax transformations in place of the
+  config's (pass the same to `make_round_step`). `backbone`: pretrained params
+  {'lower', 'upper'} (`finetune.load_backbone`) in place of the initialised ones, the
+  adapters aside. The segments in `cfg.frozen_segments` keep only their adapters as
+  parameters; the rest of them goes to `RoundState.frozen`, once.
   """
   cfg = with_optimizers(cfg, client_tx, server_tx)
   key_model, key_run = jax.random.split(key)
   variables = init_split(model, key_model, x_example)
+  if backbone is not None:
+    variables = finetune.with_backbone(variables, backbone)
   if cfg.smashmix and has_stem(model.upper):
     s_shape = smashed_shape(model, x_example.shape[1:])
     check_stem(model.upper, variables["upper"], jnp.zeros((1,) + tuple(s_shape)))
+  variables, frozen = finetune.freeze(variables, cfg.frozen_segments)
   client_params, client_stats = {}, {}
   for name in CLIENT_MODULES:  # one copy in the averaged phase (`cfg.client_copies`)
     params, stats = split_variables(variables[name])
@@ -172,4 +185,5 @@ def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,
       step=jnp.zeros((), jnp.int32),
       key=key_run,
       clients=ClientState(client_params, client_stats, client_opt),
-      server=ServerState(server_params, server_stats, server_opt))
+      server=ServerState(server_params, server_stats, server_opt),
+      frozen=frozen)

@@ -109,14 +109,26 @@ class Dataset:
   num_classes: int
   class_names: tuple[str, ...]
   source: str  # where it was read from (a directory, an archive, a cache file)
+  # "images" (uint8 N x H x W x C, a label per sample) or "tokens" (a text corpus:
+  # uint8 N x T byte windows, int32 N x T next-byte targets, `lfmjax.data.text`).
+  kind: str = "images"
+  # A group per train sample (a book of a text corpus), which the `groups` partition
+  # deals out to clients; None: the labels are the only grouping.
+  train_groups: np.ndarray | None = None
+  group_names: tuple[str, ...] = ()
 
   @property
-  def image_shape(self) -> tuple[int, int, int]:
+  def image_shape(self) -> tuple[int, ...]:
     return tuple(self.train_x.shape[1:])
+
+  @property
+  def tokens(self) -> bool:
+    return self.kind == "tokens"
 
 
 _ALIASES = {"fashionmnist": "fashion_mnist", "fmnist": "fashion_mnist",
-            "cifar10": "cifar10"}
+            "cifar10": "cifar10", "kjv": "kjv", "bible": "kjv", "kingjames": "kjv",
+            "kjvpublic": "kjv_public"}
 
 
 def canonical_name(name: str) -> str:
@@ -124,12 +136,18 @@ def canonical_name(name: str) -> str:
   key = re.sub(r"[-_\s]", "", str(name).lower())
   if key not in _ALIASES:
     raise DatasetError(f"unknown dataset {name!r}; valid names: 'fashion_mnist' "
-                       f"(aliases fmnist, fashion-mnist) and 'cifar10' (alias cifar-10)")
+                       f"(aliases fmnist, fashion-mnist), 'cifar10' (alias cifar-10), "
+                       f"'kjv' (text; alias bible) and 'kjv_public'")
   return _ALIASES[key]
 
 
+def dataset_kind(name: str) -> str:
+  """'tokens' for the text corpora (`lfmjax.data.text`), else 'images'."""
+  return "tokens" if canonical_name(name) in ("kjv", "kjv_public") else "images"
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
-                 download: bool = True, *, verify: bool = True) -> Dataset:
+                 download: bool = True, *, verify: bool = True, seq_len: int = 128) -> Dataset:
   """Loads 'fashion_mnist' or 'cifar10' (see the module docstring for where from).
 
   `download` allows fetching Fashion-MNIST into the cache and tensorflow-datasets to
@@ -141,6 +159,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
       return _load_fashion_mnist(data_dir, download, verify)
     case "cifar10":
       return _load_cifar10(data_dir, download, verify)
+    case "kjv" | "kjv_public" as text:
+      from lfmjax.data.text import load_text_dataset
+      return load_text_dataset(text, data_dir, seq_len=seq_len, verify=verify)
   raise AssertionError(name)  # canonical_name returns one of the above
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PARTITIONS = ("iid", "dirichlet", "shards", "fixed")
+PARTITIONS = ("iid", "dirichlet", "shards", "fixed", "groups")
 # Whole-partition redraws tried before the deterministic top-up (see `dirichlet`).
 DIRICHLET_TRIES = 10
 
@@ -40,6 +40,25 @@ def iid(labels, num_clients: int, seed: int) -> list[np.ndarray]:
   labels = _check_inputs(labels, num_clients)
   order = np.random.default_rng(seed).permutation(len(labels))
   return _as_parts(np.array_split(order, num_clients))
+
+
+def groups(groups_N, num_clients: int, seed: int = 0) -> list[np.ndarray]:
+  """Whole groups (a corpus's books, numbered in order) dealt to clients as contiguous
+  runs with about equal samples: the groups' cumulative sample count cut at the
+  C-quantiles, every client at least one group. Related books stay together, so the
+  split is naturally non-IID. Deterministic (`seed` is unused)."""
+  groups_N = _check_inputs(groups_N, num_clients)
+  ids, counts = np.unique(groups_N, return_counts=True)
+  if num_clients > len(ids):
+    raise ValueError(f"{num_clients} clients need at least {num_clients} groups; there are "
+                     f"{len(ids)}")
+  ends = np.cumsum(counts)
+  cuts = np.searchsorted(ends, ends[-1] * np.arange(1, num_clients) / num_clients)
+  # At least one group each: the k-th cut lies in [k, G - C + k].
+  cuts = np.clip(cuts, np.arange(1, num_clients), len(ids) - num_clients + np.arange(1, num_clients))
+  cuts = np.maximum.accumulate(np.maximum(cuts, np.arange(1, num_clients)))
+  runs = np.split(ids, cuts)
+  return _as_parts([np.flatnonzero(np.isin(groups_N, run)) for run in runs])
 
 
 def fixed(labels, num_clients: int, per_client: int, seed: int) -> list[np.ndarray]:
@@ -136,8 +155,8 @@ def _top_up(parts: list[np.ndarray], min_size: int, rng: np.random.Generator
 def make_partition(kind: str, labels, num_clients: int, seed: int, *, alpha: float = 0.5,
                    classes_per_client: int = 2, per_client: int = 1000,
                    min_size: int = 10) -> list[np.ndarray]:
-  """Dispatches to `iid`, `dirichlet` (alpha, min_size), `shards` (classes_per_client)
-  or `fixed` (per_client) by name."""
+  """Dispatches to `iid`, `dirichlet` (alpha, min_size), `shards` (classes_per_client),
+  `fixed` (per_client) or `groups` (labels read as groups) by name."""
   match kind:
     case "iid":
       return iid(labels, num_clients, seed)
@@ -147,6 +166,8 @@ def make_partition(kind: str, labels, num_clients: int, seed: int, *, alpha: flo
       return shards(labels, num_clients, classes_per_client, seed)
     case "fixed":
       return fixed(labels, num_clients, per_client, seed)
+    case "groups":  # `labels` are the samples' groups (a text corpus's books)
+      return groups(labels, num_clients, seed)
   raise ValueError(f"unknown partition {kind!r}; valid: {', '.join(PARTITIONS)}")
 
 

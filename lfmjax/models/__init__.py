@@ -10,6 +10,9 @@ are inferred at init, so every model accepts any reasonable input size.
   vgg        reduced-width VGG-style CIFAR model; overrides cut, batch_norm, widths
   tiny_cnn   one conv layer; for fast tests
   mlp        dense 128 | dense K; for fast tests
+  vit        split ViT (Dosovitskiy et al. 2021): patches + the first `cut` blocks on the
+             client, smashed data the tokens at the cut; LoRA-capable (`models.lora`)
+  lm         split byte-level causal language model; inputs (T,) tokens, K the vocabulary
 
 Models take no kernel switch: every convolution is a `patch_conv.PatchConv`, whose
 kernels `patch_conv` picks from the backend and from what a vmap batches (on the CPU,
@@ -21,10 +24,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from lfmjax.models import bench_cnn, resnet, small, vgg
+from lfmjax.models import bench_cnn, lm, resnet, small, vgg, vit
+from lfmjax.models.lora import LoRASpec
 from lfmjax.models.layers import AuxHead, Decoder, bilinear_resize
 from lfmjax.models.util import (SEGMENTS, SplitModel, apply_module, has_stem, init_split,
-                                param_count, smashed_shape)
+                                param_count, smashed_shape, smashed_struct)
 
 # name -> (builder, default overrides). Builders take (num_classes, input_shape, **opts).
 _REGISTRY: dict[str, tuple[Callable[..., SplitModel], dict[str, Any]]] = {
@@ -33,7 +37,11 @@ _REGISTRY: dict[str, tuple[Callable[..., SplitModel], dict[str, Any]]] = {
     "vgg": (vgg.build, vgg.DEFAULTS),
     "tiny_cnn": (small.build_tiny, small.TINY_DEFAULTS),
     "mlp": (small.build_mlp, small.MLP_DEFAULTS),
+    "vit": (vit.build, vit.DEFAULTS),
+    "lm": (lm.build, lm.DEFAULTS),
 }
+# Models whose dense layers take LoRA adapters (`models.lora`, `lfmjax.finetune`).
+LORA_MODELS = ("vit", "lm")
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 MAX_WIDTH = 4096  # an int override (channels, units, a cut) at most: they size memory
 
@@ -71,22 +79,37 @@ def _resolve(name: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> 
   return opts
 
 
-def get_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int],
+def get_model(name: str, *, num_classes: int, input_shape: tuple[int, ...],
+              lora: LoRASpec | None = None, lora_segments: tuple[str, ...] = ("lower", "upper"),
               **overrides) -> SplitModel:
-  """The split model `name` for K = `num_classes` and model inputs of (H, W, C).
+  """The split model `name` for K = `num_classes` and model inputs of (H, W, C) (the
+  language model: (T,) tokens, K the vocabulary).
 
-  Raises ValueError for an unknown name, a bad override, or a bad shape.
+  `lora`: adapters in the dense layers it targets, in the segments `lora_segments`
+  (the others built without them). Raises ValueError for an unknown name, a bad
+  override, or a bad shape.
   """
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
   if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"{name}: num_classes={num_classes!r} must be a positive int")
   input_shape = tuple(input_shape)
-  if len(input_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in input_shape):
+  if len(input_shape) not in (1, 3) or not all(isinstance(d, int) and d > 0
+                                               for d in input_shape):
     raise ValueError(f"{name}: input_shape={input_shape!r} must be (H, W, C) positive ints")
   builder, defaults = _REGISTRY[name]
-  return builder(num_classes, input_shape, **_resolve(name, defaults, overrides))
+  opts = _resolve(name, defaults, overrides)
+  if lora is None or lora.rank == 0:
+    return builder(num_classes, input_shape, **opts)
+  if name not in LORA_MODELS:
+    raise ValueError(f"{name}: LoRA adapters need a transformer ({', '.join(LORA_MODELS)}); "
+                     f"set lora.rank=0 or pick one of them")
+  adapted = builder(num_classes, input_shape, lora=lora, **opts)
+  plain = builder(num_classes, input_shape, **opts)
+  return adapted._replace(**{seg: getattr(plain, seg) for seg in ("lower", "upper")
+                             if seg not in lora_segments})
 
 
-__all__ = ["AuxHead", "Decoder", "MODEL_NAMES", "SEGMENTS", "SplitModel", "apply_module",
-           "bilinear_resize", "get_model", "has_stem", "init_split", "param_count", "smashed_shape"]
+__all__ = ["LORA_MODELS", "LoRASpec", "AuxHead", "Decoder", "MODEL_NAMES", "SEGMENTS", "SplitModel", "apply_module",
+           "bilinear_resize", "get_model", "has_stem", "init_split", "param_count", "smashed_shape",
+           "smashed_struct"]

@@ -35,7 +35,10 @@ def init_split(model: SplitModel, key: jax.Array, x_example_BxHxWxC: jax.Array
   the example matters; the heads are initialised on zeros of the smashed shape.
   """
   keys = dict(zip(SEGMENTS, jax.random.split(key, len(SEGMENTS))))
-  x = jnp.zeros((1,) + tuple(x_example_BxHxWxC.shape[1:]), jnp.float32)
+  # The example's dtype: a language model's lower embeds int32 tokens.
+  dtype = (x_example_BxHxWxC.dtype if jnp.issubdtype(x_example_BxHxWxC.dtype, jnp.integer)
+           else jnp.float32)
+  x = jnp.zeros((1,) + tuple(x_example_BxHxWxC.shape[1:]), dtype)
   variables = {"lower": model.lower.init(keys["lower"], x, train=False)}
   s_shape = jax.eval_shape(
       lambda v, x: model.lower.apply(v, x, train=False), variables["lower"], x)
@@ -101,15 +104,23 @@ def check_stem(upper: nn.Module, variables: dict, s_example: jax.Array) -> None:
                      f"affine")
 
 
-def smashed_shape(model: SplitModel, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """Shape of the smashed data of one sample (no batch axis), without computing it."""
-  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+def smashed_struct(model: SplitModel, input_shape: tuple[int, ...],
+                   input_dtype=jnp.float32) -> jax.ShapeDtypeStruct:
+  """Shape (no batch axis) and dtype of one sample's smashed data, not computed."""
+  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), input_dtype)
 
   def forward(x):
     variables = model.lower.init(jax.random.key(0), x, train=False)
     return model.lower.apply(variables, x, train=False)
 
-  return tuple(jax.eval_shape(forward, x).shape[1:])
+  out = jax.eval_shape(forward, x)
+  return jax.ShapeDtypeStruct(tuple(out.shape[1:]), out.dtype)
+
+
+def smashed_shape(model: SplitModel, input_shape: tuple[int, ...],
+                  input_dtype=jnp.float32) -> tuple[int, ...]:
+  """Shape of the smashed data of one sample (no batch axis), without computing it."""
+  return tuple(smashed_struct(model, input_shape, input_dtype).shape)
 
 
 def param_count(tree: Any) -> int:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfmjax import accounting, algorithms, devices
+from lfmjax import accounting, algorithms, devices, finetune
 from lfmjax.checkpoint import (CheckpointError, Checkpoints, check_workdir, checkpoint_steps,
                                partition_fingerprint)
 from lfmjax.data import client_table, holdout, load_dataset, make_partition
@@ -34,7 +34,8 @@ from lfmjax.round import make_multi_step, make_round_step
 from lfmjax.run.environment import environment
 from lfmjax.run.lock import WorkdirLock, check_writable
 from lfmjax.run.progress import Progress
-from lfmjax.run.validate import ConfigError, model_input_shape, model_overrides, validate
+from lfmjax.run.validate import (ConfigError, lora_options, model_input_shape, model_overrides,
+                                 validate)
 from lfmjax.run.workdir import (MetricsWriter, at_best_validation, evaluation_record, resume,
                                 window_to_json, write_atomically)
 from lfmjax.state import RoundState, init_state, make_data
@@ -65,13 +66,13 @@ class PlacedRun:
 
 
 def place_run(cfg, model, mesh, num_seeds: int, state: RoundState, seed: int, x_example,
-              data_host, chunk: int, probe: int = 0) -> PlacedRun:
+              data_host, chunk: int, probe: int = 0, backbone=None) -> PlacedRun:
   """The state (`state` is seed `seed`'s; S seeds stacked when S > 1, clients padded to
   the mesh) and the data put on `mesh`, and the round, multi-step and evaluation
   programs for them (with the leakage probe of `probe` samples per client, if any)."""
   num_padded = padded_num_clients(cfg.num_clients, mesh.size)
-  states = [state] + [init_state(cfg, model, jax.random.PRNGKey(seed + i), x_example)
-                      for i in range(1, num_seeds)]
+  states = [state] + [init_state(cfg, model, jax.random.PRNGKey(seed + i), x_example,
+                                 backbone=backbone) for i in range(1, num_seeds)]
   states = [pad_state(cfg, jax.device_get(s), num_padded) for s in states]
   state = states[0] if num_seeds == 1 else jax.tree.map(lambda *a: np.stack(a), *states)
   placement = make_placement(cfg, state, mesh, seeds=num_seeds > 1,
@@ -202,7 +203,9 @@ def client_partition(config, dataset) -> tuple[np.ndarray, np.ndarray]:
     raise ConfigError(f"config.num_clients={config.num_clients} is more than the "
                       f"{len(dataset.train_y)} train samples; lower num_clients")
   try:
-    parts = make_partition(config.partition, dataset.train_y, config.num_clients,
+    # A text corpus partitions by its samples' groups (books), images by their labels.
+    labels = dataset.train_groups if dataset.tokens else dataset.train_y
+    parts = make_partition(config.partition, labels, config.num_clients,
                            partition_seed(config), alpha=config.dirichlet_alpha,
                            classes_per_client=config.classes_per_client,
                            per_client=config.samples_per_client)
@@ -218,10 +221,11 @@ def client_partition(config, dataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_model(config, dataset):
-  input_shape = model_input_shape(config, dataset.train_x.shape[1:])
+  input_shape = model_input_shape(config, dataset.train_x.shape[1:], dataset.tokens)
   try:
     return get_model(config.model, num_classes=dataset.num_classes,
-                     input_shape=input_shape, **model_overrides(config))
+                     input_shape=input_shape, **lora_options(config),
+                     **model_overrides(config))
   except ValueError as e:
     raise ConfigError(f"config.model={config.model!r} / config.model_overrides: {e}") from None
 
@@ -229,7 +233,25 @@ def build_model(config, dataset):
 def load_config_dataset(config):
   """The dataset the config names, from where it says (or the usual places)."""
   return load_dataset(config.dataset, config.data_dir, download=config.data_download,
-                      verify=config.data_verify)
+                      verify=config.data_verify, seq_len=config.input.seq_len)
+
+
+def load_pretrained(config, log: Callable):
+  """The pretrained backbone the config names ({'lower', 'upper'}), or None."""
+  if not config.pretrained:
+    return None
+  try:
+    backbone, pre_config = finetune.load_backbone(config.pretrained)
+  except finetune.PretrainedError as e:
+    raise ConfigError(str(e)) from None
+  if pre_config.get("model") != config.model:
+    raise ConfigError(f"config.pretrained={config.pretrained!r} is a {pre_config.get('model')} "
+                      f"run, this one a {config.model}: pretrain the same model")
+  log(f"backbone: {config.pretrained} ({pre_config.get('dataset')}, "
+      f"{pre_config.get('num_iterations')} iterations)"
+      + (f", frozen; LoRA rank {config.lora.rank} on {config.lora.segments}"
+         if config.lora.rank else ", every parameter trained"))
+  return backbone
 
 
 def prepare(config, log: Callable, dataset=None) -> Prepared:
@@ -238,11 +260,16 @@ def prepare(config, log: Callable, dataset=None) -> Prepared:
   dataset = dataset or load_config_dataset(config)
   dataset, val = split_validation(config, dataset)
   idx_CxM, sizes_C = client_partition(config, dataset)
-  cfg = algorithms.round_config_from(config, dataset.num_classes, sizes_C)
+  cfg = algorithms.round_config_from(config, dataset.num_classes, sizes_C, dataset.kind)
   model = build_model(config, dataset)
+  backbone = load_pretrained(config, log)
   data = make_data(dataset.train_x, dataset.train_y, idx_CxM, sizes_C)
   x_example, _ = cfg.preprocess(jnp.asarray(dataset.train_x[:config.batch_size]))
-  state = init_state(cfg, model, jax.random.PRNGKey(config.seed), x_example)
+  try:
+    state = init_state(cfg, model, jax.random.PRNGKey(config.seed), x_example,
+                       backbone=backbone)
+  except finetune.PretrainedError as e:
+    raise ConfigError(f"config.pretrained={config.pretrained!r}: {e}") from None
   mesh = make_mesh(config.num_devices)
   log(f"lfmjax: {config.algorithm} (local_loss={cfg.local_loss}, fedavg={cfg.fedavg}, "
       f"smashmix={cfg.smashmix}) | {dataset.name} from {dataset.source} | "
@@ -256,7 +283,8 @@ def prepare(config, log: Callable, dataset=None) -> Prepared:
     data = data.replace(seconds_C=jnp.asarray(costs.seconds_C, jnp.float32),
                         sync_seconds_C=jnp.asarray(costs.sync_C, jnp.float32))
   run = place_run(cfg, model, mesh, config.num_seeds, state, config.seed, x_example, data,
-                  config.steps_per_dispatch, probe_size(config.privacy.probe_size, sizes_C))
+                  config.steps_per_dispatch, probe_size(config.privacy.probe_size, sizes_C),
+                  backbone)
   if costs is not None:  # the draws replayed from every seed's run key
     ledger = latency = accounting.ParticipationAccounts(
         cfg, costs, jax.device_get(run.state.key), data.weights_C, cfg.num_clients, ledger)

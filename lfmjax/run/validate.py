@@ -9,8 +9,9 @@ import jax
 
 from lfmjax import algorithms, devices
 from lfmjax.data import PARTITIONS
-from lfmjax.data.datasets import canonical_name
-from lfmjax.models import MODEL_NAMES, get_model
+from lfmjax.data.datasets import canonical_name, dataset_kind
+from lfmjax.models import LORA_MODELS, MODEL_NAMES, LoRASpec, get_model
+from lfmjax.models.lora import LORA_TARGETS
 from lfmjax.optim import OPTIMIZERS, SCHEDULES
 
 
@@ -28,7 +29,8 @@ def validate(config) -> None:
        f"use one of {', '.join(sorted(algorithms.ALGORITHMS))}")
   need(config.model in MODEL_NAMES, "model", f"use one of {', '.join(MODEL_NAMES)}")
   need(config.partition in PARTITIONS, "partition", f"use one of {', '.join(PARTITIONS)}")
-  need(known_dataset(config.dataset), "dataset", "use fashion_mnist or cifar10")
+  need(known_dataset(config.dataset), "dataset",
+       "use fashion_mnist, cifar10, kjv or kjv_public")
   check_optimisation(need, config)
   need(positive(config.dirichlet_alpha), "dirichlet_alpha", "Dirichlet needs alpha > 0")
   need(config.classes_per_client >= 1, "classes_per_client", "must be at least 1")
@@ -51,8 +53,39 @@ def validate(config) -> None:
                 "downlink_bytes_per_s"):
     need(positive(config.get(field)), field, "rates must be positive numbers")
   check_devices(need, config)
+  check_finetune(need, config)
   spec(config)
   check_model(config)
+
+
+LORA_SEGMENTS = {"client": ("lower",), "server": ("upper",), "both": ("lower", "upper")}
+MAX_RANK = 4096
+
+
+def lora_options(config) -> dict:
+  """`get_model`'s LoRA arguments from the config (none when rank is 0)."""
+  lora = config.lora
+  if not lora.rank:
+    return {}
+  return {"lora": LoRASpec(lora.rank, float(lora.alpha), tuple(lora.targets)),
+          "lora_segments": LORA_SEGMENTS[lora.segments]}
+
+
+def check_finetune(need, config) -> None:
+  """The LoRA fields and the pretrained run's workdir (read when the run starts)."""
+  lora = config.lora
+  need(isinstance(lora.rank, int) and 0 <= lora.rank <= MAX_RANK, "lora.rank",
+       f"the adapters' rank: 0 (off) to {MAX_RANK}")
+  need(positive(lora.alpha), "lora.alpha", "the scale alpha / r needs alpha > 0")
+  need(lora.segments in LORA_SEGMENTS, "lora.segments", f"use one of {', '.join(LORA_SEGMENTS)}")
+  need(bool(lora.targets) and set(lora.targets) <= set(LORA_TARGETS), "lora.targets",
+       f"name dense layers among {', '.join(LORA_TARGETS)}")
+  need(not lora.rank or config.model in LORA_MODELS, "lora.rank",
+       f"adapters need a transformer model ({', '.join(LORA_MODELS)}); set it to 0")
+  need(config.pretrained is None
+       or os.path.isdir(os.path.join(os.path.expanduser(config.pretrained), "checkpoints")),
+       "pretrained", "no run with checkpoints there; pretrain first, or name that run's "
+       "--workdir")
 
 
 def check_devices(need, config) -> None:
@@ -89,6 +122,13 @@ def model_overrides(config) -> dict:
 def check_model(config) -> None:
   """The model with its overrides, and the input fields, against the dataset's stored
   shape (one line naming the field, before anything is loaded)."""
+  if dataset_kind(config.dataset) == "tokens":
+    need_seq = isinstance(config.input.seq_len, int) and 8 <= config.input.seq_len <= 4096
+    if not need_seq:
+      raise ConfigError(f"config.input.seq_len={config.input.seq_len!r}: tokens a sample "
+                        f"must be an int in [8, 4096]")
+    _check_built(config, (config.input.seq_len,), 256)
+    return
   shape = model_input_shape(config, STORED_SHAPES[canonical_name(config.dataset)])
   stored_channels = STORED_SHAPES[canonical_name(config.dataset)][2]
   for field in ("mean", "std"):
@@ -99,8 +139,13 @@ def check_model(config) -> None:
   if config.input.channels is not None and stored_channels not in (1, shape[2]):
     raise ConfigError(f"config.input.channels={config.input.channels}: the stored images "
                       f"have {stored_channels} channels; only grey images are repeated")
+  _check_built(config, shape, 10)
+
+
+def _check_built(config, shape, num_classes: int) -> None:
   try:
-    get_model(config.model, num_classes=10, input_shape=shape, **model_overrides(config))
+    get_model(config.model, num_classes=num_classes, input_shape=shape,
+              **lora_options(config), **model_overrides(config))
   except ValueError as e:
     raise ConfigError(f"config.model={config.model!r} / config.model_overrides: {e}") from None
 
@@ -189,7 +234,8 @@ def spec(config) -> algorithms.RoundConfig:
   """The config's RoundConfig; its composition errors as one line in the config's names."""
   try:
     # Both datasets have 10 classes; no rule depends on more than "at least 2".
-    return algorithms.round_config_from(config, num_classes=10)
+    return algorithms.round_config_from(config, num_classes=10,
+                                        inputs=dataset_kind(config.dataset))
   except algorithms.SpecError as e:
     field, value, fix = e.problems[0]
     name = _CONFIG_FIELD.get(field, field)
@@ -211,7 +257,9 @@ def positive(value) -> bool:
   return 0.0 < value < math.inf
 
 
-def model_input_shape(config, image_shape) -> tuple[int, int, int]:
+def model_input_shape(config, image_shape, tokens: bool = False) -> tuple[int, ...]:
+  if tokens:  # a text corpus: (T,) tokens as stored
+    return tuple(image_shape)
   h, w, c = image_shape
   side = config.input.resize_to
   return (side or h, side or w, config.input.channels or c)
