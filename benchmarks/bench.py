@@ -37,7 +37,10 @@ from pathlib import Path
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 TORCH_PEER = Path(__file__).resolve().parent / "torch_peer.py"
+ROOT = Path(__file__).resolve().parent.parent
 BENCH_POINTS = ((1, 256), (10, 32), (100, 8), (1000, 8))
+TRANSFORMER_POINTS = ((1, 256), (10, 32), (100, 8))  # issue 35: C in {1, 10, 100}
+LORA_POINTS = ((1, 64), (10, 16), (100, 4))  # 128-byte windows; the config's 16 at C = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,9 @@ class BenchPath:
   seeds: tuple[int, ...] = ()   # lfmjax alone: these seed counts at each point
   participants: tuple[int, ...] = ()  # lfmjax alone: these K (clients_per_round) at each point
   about: str = ""
+  config: str = ""  # a shipped config ("configs/FILE.py:ARG"): its optimiser, model, LoRA
+  peer: str = "torch_peer.py"  # the PyTorch peer in benchmarks/
+  peer_args: tuple[str, ...] = ()  # what the peer needs beyond --algo/--model/--optimizer
 
 
 PATHS = {
@@ -69,6 +75,25 @@ PATHS = {
         "locfedmix", "adam", 1e-3, "bench_cnn", ((1000, 8),), participants=(100, 1000),
         about="LocFedMix-SL, Adam, C = 1,000: K = 100 participants an iteration against "
               "all 1,000 (samples/s counts the participants' samples)"),
+    "vit_psl_adam": BenchPath(
+        "psl", "adam", 1e-3, "vit", TRANSFORMER_POINTS, config="configs/cifar_vit.py:psl",
+        peer="torch_transformer_peer.py",
+        about="split ViT (configs/cifar_vit.py: patch 4, width 64, depth 6, cut 2), PSL, Adam"),
+    "vit_locfedmix_adam": BenchPath(
+        "locfedmix", "adam", 1e-3, "vit", TRANSFORMER_POINTS,
+        config="configs/cifar_vit.py:locfedmix", peer="torch_transformer_peer.py",
+        about="split ViT, LocFedMix-SL (token decoder, SmashMix of token sequences), Adam"),
+    "lora_lm_psl": BenchPath(
+        "psl", "adam", 1e-3, "lm", LORA_POINTS, config="configs/text_lm.py:lora,psl",
+        peer="torch_transformer_peer.py", peer_args=("--lora-rank", "8", "--seq-len", "128"),
+        about="LoRA fine-tuning of the split byte LM (configs/text_lm.py:lora: width 128, "
+              "depth 4, cut 1, 128 bytes, rank 8 on q/k/v/out of both segments, the "
+              "backbone frozen and held once), PSL, Adam"),
+    "lora_lm_locfedmix": BenchPath(
+        "locfedmix", "adam", 1e-3, "lm", LORA_POINTS, config="configs/text_lm.py:lora",
+        peer="torch_transformer_peer.py", peer_args=("--lora-rank", "8", "--seq-len", "128"),
+        about="LoRA fine-tuning of the split byte LM, LocFedMix-SL (the shipped :lora "
+              "config), Adam"),
     "many_clients": BenchPath(
         "locfedmix", "adam", 1e-3, "bench_cnn", ((10000, 8),), participants=(100,),
         about="LocFedMix-SL, Adam: 10,000 stateful clients, K = 100 an iteration"),
@@ -91,6 +116,46 @@ def round_config(path: BenchPath, clients: int, batch: int, clients_per_round=No
   return round_config_from(config, NUM_CLASSES)
 
 
+def shipped_config(path: BenchPath, clients: int, batch: int, clients_per_round=None):
+  """The path's shipped config (`configs/FILE.py:ARG`) with the point's C, B and K."""
+  import importlib.util
+  file, _, arg = path.config.partition(":")
+  spec = importlib.util.spec_from_file_location("bench_config", ROOT / file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  config.num_clients = clients
+  config.batch_size = batch
+  config.clients_per_round = clients_per_round
+  assert (config.algorithm, config.client_optimizer, config.model) == (
+      path.algo, path.optimizer, path.model), f"{path.config} is not {path}"
+  return config
+
+
+def config_point(path: BenchPath, clients: int, batch: int, clients_per_round=None):
+  """(RoundConfig, model, inputs, labels, x_example) of a shipped config's point: built
+  as a run builds them (`round_config_from`, `get_model` with the config's overrides and
+  LoRA), on random data of the dataset's shape (32x32x3 images, or 128-byte windows)."""
+  import numpy as np
+  from lfmjax.algorithms import round_config_from
+  from lfmjax.data.datasets import dataset_kind
+  from lfmjax.models import get_model
+  from lfmjax.run.validate import lora_options, model_overrides
+  config = shipped_config(path, clients, batch, clients_per_round)
+  tokens = dataset_kind(config.dataset) == "tokens"
+  num_classes = 256 if tokens else NUM_CLASSES
+  shape = (config.input.seq_len,) if tokens else INPUT_SHAPE
+  cfg = round_config_from(config, num_classes, inputs="tokens" if tokens else "images")
+  model = get_model(config.model, num_classes=num_classes, input_shape=shape,
+                    **lora_options(config), **model_overrides(config))
+  rng = np.random.default_rng(0)  # values do not affect the speed
+  n = clients * 2 * batch
+  x = rng.integers(0, 256, (n,) + shape, dtype=np.uint8)
+  y = (rng.integers(0, 256, (n,) + shape).astype(np.int32) if tokens
+       else rng.integers(0, NUM_CLASSES, n))
+  return cfg, model, x, y, np.zeros((1,) + shape, np.uint8 if tokens else np.float32)
+
+
 def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -107,15 +172,18 @@ def run_point(path: BenchPath, clients: int, batch: int, iters: int, seeds: int 
   from lfmjax.round import make_round_step
   from lfmjax.state import init_state, make_data
 
-  cfg = round_config(path, clients, batch, clients_per_round)
-  model = get_model(path.model, num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE)
   per_client = 2 * batch
-  rng = np.random.default_rng(0)  # values do not affect the speed
-  x = rng.integers(0, 256, (clients * per_client,) + INPUT_SHAPE, dtype=np.uint8)
-  y = rng.integers(0, NUM_CLASSES, clients * per_client)
+  if path.config:
+    cfg, model, x, y, x_example = config_point(path, clients, batch, clients_per_round)
+  else:
+    cfg = round_config(path, clients, batch, clients_per_round)
+    model = get_model(path.model, num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE)
+    rng = np.random.default_rng(0)  # values do not affect the speed
+    x = rng.integers(0, 256, (clients * per_client,) + INPUT_SHAPE, dtype=np.uint8)
+    y = rng.integers(0, NUM_CLASSES, clients * per_client)
+    x_example = jnp.zeros((1,) + INPUT_SHAPE)
   data = make_data(x, y, np.arange(clients * per_client).reshape(clients, per_client),
                    np.full(clients, per_client))
-  x_example = jnp.zeros((1,) + INPUT_SHAPE)
   if seeds == 1:
     state = init_state(cfg, model, jax.random.key(0), x_example)
     step = make_round_step(cfg, model)
@@ -135,11 +203,22 @@ def run_point(path: BenchPath, clients: int, batch: int, iters: int, seeds: int 
   jax.block_until_ready((state, metrics))
   dt = (time.perf_counter() - t0) / iters
   participants = cfg.num_participants
-  return {"clients": clients, "batch": batch, "seeds": seeds,
+  sizes = state_bytes(state)
+  return {"clients": clients, "batch": batch, "seeds": seeds, **sizes,
           "clients_per_round": participants, "iter_ms": round(dt * 1e3, 2),
           "samples_per_s": round(seeds * participants * batch / dt, 1),
           "compile_s": round(compile_s, 2), "peak_rss_mib": round(peak_rss_mib(), 1),
           "iters": iters, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
+def state_bytes(state) -> dict:
+  """Bytes of the round's state: the clients' part (C copies), the server's and the
+  frozen backbone held once (LoRA)."""
+  import jax
+  size = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+  return {"client_state_bytes": int(size(state.clients)),
+          "server_state_bytes": int(size(state.server)),
+          "frozen_bytes": int(size(state.frozen))}
 
 
 def torch_available() -> bool:
@@ -187,10 +266,11 @@ def commands(name: str, path: BenchPath, clients: int, batch: int, iters: int,
                            str(iters), "--seeds", str(seeds), "--json"]
                     + (["--clients_per_round", str(k)] if k else [])))
   if torch_script is not None and not path.seeds and not path.participants:
-    sides.append(("torch", [sys.executable, str(torch_script), "--clients", str(clients),
+    script = torch_script.parent / path.peer
+    sides.append(("torch", [sys.executable, str(script), "--clients", str(clients),
                             "--batch", str(batch), "--iters", str(iters), "--algo",
                             path.algo, "--model", path.model, "--optimizer", path.optimizer,
-                            "--lr", str(path.lr)]))
+                            "--lr", str(path.lr), *path.peer_args]))
   return sides
 
 
@@ -231,6 +311,9 @@ def summarise(name: str, clients: int, batch: int, runs: dict) -> dict:
          "jax_peak_rss_mib": med(jax_side, "peak_rss_mib"),
          "ref_peak_rss_mib": med(ref_side, "peak_rss_mib"),
          "runs": {side: [r["samples_per_s"] for r in rs] for side, rs in runs.items()}}
+  if jax_side in runs and "frozen_bytes" in runs[jax_side][0]:  # the state's sizes (exact)
+    row.update({k: runs[jax_side][0][k] for k in
+                ("client_state_bytes", "server_state_bytes", "frozen_bytes")})
   pairs = zip(runs.get(jax_side, []), runs.get(ref_side, []))
   row["pair_ratios"] = [round(j["samples_per_s"] / r["samples_per_s"], 2)
                         for j, r in pairs]
@@ -265,6 +348,11 @@ def check_targets(rows: list[dict]) -> list[tuple[str, bool | None]]:
       checks.append((f"{r['clients']:,} stateful clients, K = 100: "
                      f"{r['jax_samples_per_s']:.0f} samples/s, peak memory "
                      f"{mem / 1024:.2f} GiB < 8 GiB", mem < 8 * 1024))
+  for r in rows:  # issue 35: transformers >= 1.5x torch at C >= 10
+    if PATHS[r["path"]].config and r["clients"] >= 10:
+      checks.append((f"{r['path']} {r['clients']} x {r['batch']}: lfmjax >= 1.5x torch",
+                     None if r["ratio"] is None else r["ratio"] >= 1.5))
+  checks += lora_memory_checks(rows)
   big, ten, one = (by.get(("locfedmix_adam", c)) for c in (1000, 10, 1))
   if big and ten:
     s1000, s10 = big["jax_samples_per_s"], ten["jax_samples_per_s"]
@@ -278,6 +366,25 @@ def check_targets(rows: list[dict]) -> list[tuple[str, bool | None]]:
     c1, c1000 = one["jax_compile_s"], big["jax_compile_s"]
     checks.append((f"locfedmix_adam: compile at 1000 clients ({c1000:.1f} s) <= 2x at 1 "
                    f"({c1:.1f} s)", c1000 <= 2 * c1))
+  return checks
+
+
+def lora_memory_checks(rows: list[dict]) -> list[tuple[str, bool]]:
+  """LoRA's state: the backbone held once (the same bytes at every C) and the clients'
+  part C x (adapters, decoder and their Adam moments), i.e. the same bytes a client."""
+  checks = []
+  for name in sorted({r["path"] for r in rows if PATHS[r["path"]].model == "lm"}):
+    sized = sorted((r for r in rows if r["path"] == name and "frozen_bytes" in r),
+                   key=lambda r: r["clients"])
+    if len(sized) < 2:
+      continue
+    lo, hi = sized[0], sized[-1]
+    per_client = {r["client_state_bytes"] / r["clients"] for r in sized}
+    checks.append((f"{name}: backbone held once ({lo['frozen_bytes'] / 2**20:.2f} MiB at "
+                   f"C = {lo['clients']} and {hi['frozen_bytes'] / 2**20:.2f} MiB at C = "
+                   f"{hi['clients']}), client state {min(per_client) / 1024:.0f} KiB a "
+                   f"client at every C", lo["frozen_bytes"] == hi["frozen_bytes"]
+                   and len(per_client) == 1))
   return checks
 
 
@@ -299,6 +406,17 @@ def markdown(rows: list[dict], checks, meta: dict) -> str:
         f"{', '.join(f'{x:.2f}' for x in r['pair_ratios']) or '-'} | "
         f"{fmt(r['jax_compile_s'], '.2f')} | {fmt(r['jax_peak_rss_mib'], ',.0f')} | "
         f"{fmt(r['ref_peak_rss_mib'], ',.0f')} |")
+  sized = [r for r in rows if r.get("frozen_bytes")]
+  if sized:
+    lines += ["", "State of the LoRA rows (bytes of arrays, exact): the clients' part (C "
+              "copies of adapters, decoder and their optimiser state), the server's, and "
+              "the frozen backbone held once.", "",
+              "| path | clients | client state MiB | a client KiB | server state MiB | "
+              "frozen backbone MiB |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['path']} | {r['clients']} | {r['client_state_bytes'] / 2**20:.2f} | "
+              f"{r['client_state_bytes'] / r['clients'] / 1024:.1f} | "
+              f"{r['server_state_bytes'] / 2**20:.2f} | {r['frozen_bytes'] / 2**20:.2f} |"
+              for r in sized]
   lines += ["", "Paths:"] + [f"- `{n}`: {p.about}" for n, p in PATHS.items()
                              if any(r["path"] == n for r in rows)]
   lines += ["", "Targets:"]

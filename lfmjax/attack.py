@@ -42,6 +42,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from lfmjax import finetune
 from lfmjax.models.layers import UpsampleConv, torch_conv, torch_dense
 from lfmjax.privacy import distance_correlation
 
@@ -70,7 +71,10 @@ class InverseNet(nn.Module):
   `hidden` channels (the Loc decoder's first layer, `UpsampleConv`), `layers - 1` more
   conv3x3 + ReLU of `hidden` channels, and a conv3x3 to the input's channels. For flat
   smashed data (the MLP): `layers` dense layers of 16 * `hidden` units, then a dense
-  layer to H * W * C."""
+  layer to H * W * C. For tokens (the ViT's B x T x D, a cls token first when T is one
+  more than the patches): per token, `layers` dense layers of 16 * `hidden` units and a
+  dense layer to a p x p x `hidden` patch, laid back in place (`vit.unpatchify`), then
+  ReLU and a conv3x3 to the input's channels, so neighbouring patches meet."""
   out_hw: tuple[int, int]
   out_channels: int
   hidden: int = 64
@@ -79,6 +83,8 @@ class InverseNet(nn.Module):
   @nn.compact
   def __call__(self, s: jax.Array) -> jax.Array:
     h, w = self.out_hw
+    if s.ndim == 3:
+      return self.from_tokens(s)
     if s.ndim == 2:
       x = s
       for i in range(self.layers):
@@ -88,6 +94,25 @@ class InverseNet(nn.Module):
     x = nn.relu(UpsampleConv(self.hidden, self.out_hw, name="up")(s))
     for i in range(1, self.layers):
       x = nn.relu(torch_conv(self.hidden, x, name=f"conv{i}")(x))
+    return torch_conv(self.out_channels, x, name="out")(x)
+
+
+  def from_tokens(self, s_BxTxD: jax.Array) -> jax.Array:
+    from lfmjax.models.vit import unpatchify
+    h, w = self.out_hw
+    t = s_BxTxD.shape[1]
+    p = math.isqrt(h * w // t) if t else 0
+    if p * p * t != h * w:  # a cls token leads the patches
+      s_BxTxD, t = s_BxTxD[:, 1:], t - 1
+      p = math.isqrt(h * w // t) if t else 0
+    if not t or p * p * t != h * w:
+      raise AttackError(f"smashed tokens B x {s_BxTxD.shape[1]} x D tile no {h}x{w} image "
+                        f"into square patches: the attack inverts image patches only")
+    x = s_BxTxD
+    for i in range(self.layers):
+      x = nn.relu(torch_dense(16 * self.hidden, x, name=f"fc{i}")(x))
+    x = torch_dense(p * p * self.hidden, x, name="patch")(x)
+    x = nn.relu(unpatchify(x, (h, w), p, self.hidden))
     return torch_conv(self.out_channels, x, name="out")(x)
 
 
@@ -304,7 +329,10 @@ def run_attack(workdir: str, settings, log=print) -> dict:
   rng = np.random.default_rng(settings.seed)
   aux = aux[rng.permutation(len(aux))[:settings.aux_size]]
   test_x = dataset.test_x[:settings.num_test]
-  model = build_model(config, dataset)
+  if getattr(dataset, "tokens", False):
+    raise AttackError(f"--workdir={workdir} trained on tokens ({config.dataset}): the "
+                      f"inversion attack reconstructs images; attack an image run")
+  model = finetune.bind_frozen(build_model(config, dataset), jax.device_get(state.frozen))
   targets = attack_targets(config, cfg, jax.device_get(state), settings.clients)
   h, w, c = cfg.preprocess(jnp.asarray(test_x[:1]))[1].shape[1:]
   inverse = InverseNet((h, w), c, settings.hidden, settings.layers)

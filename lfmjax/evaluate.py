@@ -44,6 +44,7 @@ def pad_to_chunks(x: np.ndarray, y: np.ndarray, chunk: int):
 
 def make_evaluate(cfg: RoundConfig, model: SplitModel, *, jit: bool = True):
   """Returns `evaluate(state, weights_C, client_ids, test) -> {'accuracy', 'loss'}`
+  (and 'perplexity' on tokens)
   (jitted unless `jit=False`): the mean over targets, a sample's label or, for a
   language model, each next token (accuracy is then top-1 next-token accuracy and
   exp(loss) the perplexity).
@@ -76,10 +77,17 @@ def make_evaluate(cfg: RoundConfig, model: SplitModel, *, jit: bool = True):
     score = functools.partial(score_with, finetune.bind_frozen(model, state.frozen))
     key = jax.random.fold_in(state.key, privacy.TAG_EVAL_NOISE)
     upper_vars = {"params": server.params, **server.stats}
-    if cfg.server_mode == "per_client":  # SFL-V1's copies, averaged as FedAvg would
-      upper_vars = components.weighted_mean(upper_vars, weights_C)
     lower_C = {"params": clients.params["lower"], **clients.stats["lower"]}
     n = jnp.sum(test[2]) * int(np.prod(test[1].shape[2:]))  # targets scored
+    if cfg.server_mode == "per_client" and not cfg.fedavg:
+      # SFL-V1 without FedAvg is local-only training: client k's model is its lower with
+      # its own upper copy, and the score is the mean over the evaluated clients' models.
+      pair_E = jax.tree.map(lambda a: a[client_ids], (lower_C, upper_vars))
+      correct_E, loss_E = jax.lax.map(lambda p: score(p[0], p[1], test, key), pair_E)
+      correct, loss = correct_E.mean(), loss_E.mean()
+      return scores_of(correct, loss, n)
+    if cfg.server_mode == "per_client":  # SFL-V1's copies, averaged as FedAvg would
+      upper_vars = components.weighted_mean(upper_vars, weights_C)
     if cfg.server_mode == "relay":  # vanilla SL: the last client's lower is the model
       correct, loss = score(jax.tree.map(lambda a: a[-1], lower_C), upper_vars, test, key)
     elif cfg.client_phase == "averaged":  # one copy for all clients
@@ -91,7 +99,13 @@ def make_evaluate(cfg: RoundConfig, model: SplitModel, *, jit: bool = True):
       lower_E = jax.tree.map(lambda a: a[client_ids], lower_C)
       correct_E, loss_E = jax.lax.map(lambda lv: score(lv, upper_vars, test, key), lower_E)
       correct, loss = correct_E.mean(), loss_E.mean()
-    return {"accuracy": correct / n, "loss": loss / n}
+    return scores_of(correct, loss, n)
+
+  def scores_of(correct, loss, n):
+    scores = {"accuracy": correct / n, "loss": loss / n}
+    if cfg.inputs == "tokens":  # a language model's figure of merit
+      scores["perplexity"] = jnp.exp(loss / n)
+    return scores
 
   return jax.jit(evaluate, compiler_options=compiler_options()) if jit else evaluate
 

@@ -173,12 +173,17 @@ def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,
     client_params[name] = stack_clients(params, cfg.client_copies)
     client_stats[name] = stack_clients(stats, cfg.client_copies)
   opt_c = client_optimizer(cfg)
-  client_opt = jax.vmap(opt_c.init)(client_params)
+  if jax.tree.leaves(client_params):
+    client_opt = jax.vmap(opt_c.init)(client_params)
+  else:  # nothing trained on the clients (a frozen client segment): vmap sees no axis
+    client_opt = stack_clients(opt_c.init(client_params), cfg.client_copies)
   server_params, server_stats = split_variables(variables["upper"])
   if cfg.server_mode == "per_client":  # SFL-V1: one upper copy per client
     server_params = stack_clients(server_params, cfg.num_clients)
     server_stats = stack_clients(server_stats, cfg.num_clients)
-    server_opt = jax.vmap(server_optimizer(cfg).init)(server_params)
+    server_opt = (jax.vmap(server_optimizer(cfg).init)(server_params)
+                  if jax.tree.leaves(server_params) else  # a frozen upper without adapters
+                  stack_clients(server_optimizer(cfg).init(server_params), cfg.num_clients))
   else:
     server_opt = server_optimizer(cfg).init(server_params)
   return RoundState(

@@ -17,6 +17,7 @@ DIRNAME = "tensorboard"
 # (record field, tag below the algorithm)
 SCALARS = (
     ("test_accuracy", "test/accuracy"), ("test_loss", "test/loss"),
+    ("test_perplexity", "test/perplexity"),
     ("loss_real", "train/loss_real"), ("loss_mix", "train/loss_mix"),
     ("loss_local", "train/loss_local"), ("loss_aux", "train/loss_aux"),
     ("train_accuracy", "train/accuracy"),

@@ -54,6 +54,27 @@ def test_attack_inverts_an_identity_lower_and_not_a_lossy_random_one():
   assert psnr["random"] < psnr["identity"] - 10.0
 
 
+def test_attack_inverts_patch_tokens_with_or_without_a_cls_token():
+  """The ViT's smashed data: tokens B x T x D. Patches as tokens (a lossless upload) are
+  inverted almost perfectly, a leading cls token is dropped, and tokens that tile no
+  image are one line."""
+  from lfmjax.models.vit import patchify
+  settings = attack.attack_config()
+  settings.update(num_steps=300, batch_size=32, hidden=8, layers=1, num_test=100, grid=0)
+  aux, test = jnp.asarray(smooth_images(500)), jnp.asarray(smooth_images(100, seed=1))
+  preprocess = lambda x: (x.astype(jnp.float32) / 255.0,) * 2
+  inverse = attack.InverseNet((12, 12), 1, settings.hidden, settings.layers)
+  tokens = lambda lv, x, key: patchify(x, 3)  # 16 tokens of 9 pixels
+  with_cls = lambda lv, x, key: jnp.concatenate(
+      [jnp.ones_like(tokens(lv, x, key)[:, :1]), tokens(lv, x, key)], axis=1)
+  for upload in (tokens, with_cls):
+    run = attack.make_attack(upload, inverse, settings, preprocess)
+    scores, recon = run({"params": {}}, jax.random.PRNGKey(0)[None], aux, test)
+    assert float(scores["psnr"][0]) > 25.0
+  with pytest.raises(attack.AttackError, match="tile no 12x12 image"):
+    inverse.init(jax.random.PRNGKey(0), jnp.zeros((1, 7, 4)))
+
+
 def test_reconstruction_scores_of_a_perfect_and_a_grey_guess():
   x = jnp.asarray(smooth_images(4, side=16)).astype(jnp.float32) / 255.0
   logit = lambda p: jnp.log(p) - jnp.log1p(-p)

@@ -776,3 +776,22 @@ def test_a_stem_that_is_not_affine_is_refused(upper, message):
     lfmjax.init_state(cfg, model, jax.random.PRNGKey(0), jnp.zeros((B, H, H, 1)))
   # Without SmashMix the declaration is unused, and nothing is refused.
   lfmjax.init_state(algorithm_cfg("psl"), model, jax.random.PRNGKey(0), jnp.zeros((B, H, H, 1)))
+
+
+# The split ViT: token sequences as smashed data, SmashMix mixing them, the token
+# decoder and aux head; every algorithm against the same plain loop.
+VIT = lfmjax.get_model("vit", num_classes=N_CLS, input_shape=(H, H, 1), patch=4, width=8,
+                       depth=2, heads=2, mlp_dim=8, cut=1, decoder_hidden=4)
+
+
+@pytest.mark.parametrize("name", list(lfmjax.ALGORITHMS))
+def test_vit_round_equals_plain_per_client_loop(name):
+  cfg = algorithm_cfg(name, local_loss_weight=0.7)
+  data = make_data()
+  round_step = lfmjax.make_round_step(cfg, VIT)
+  state = lfmjax.init_state(cfg, VIT, jax.random.PRNGKey(2), jnp.zeros((B, H, H, 1)))
+  for _ in range(2):
+    expected, ref_metrics = reference_step(cfg, jax.tree.map(jnp.array, state), data, VIT)
+    state, metrics = round_step(state, data)
+    chex.assert_trees_all_close(engine_params(state), expected, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(metrics["loss_real"], ref_metrics["loss_real"], rtol=1e-5)

@@ -39,7 +39,7 @@ CASES = [
     # (overrides, what the line must name)
     (dict(algorithm="nope"), ["config.algorithm='nope'", "use one of"]),
     (dict(model="resnet99"), ["config.model='resnet99'", "use one of"]),
-    (dict(dataset="mnist3"), ["config.dataset='mnist3'", "fashion_mnist or cifar10"]),
+    (dict(dataset="mnist3"), ["config.dataset='mnist3'", "use fashion_mnist, cifar10"]),
     (dict(client_optimizer="rmsprop"), ["config.client_optimizer='rmsprop'", "sgd"]),
     (dict(server_optimizer="lamb"), ["config.server_optimizer='lamb'", "adam"]),
     (dict(num_clients=601), ["num_clients=601", "600 train samples", "lower num_clients"]),

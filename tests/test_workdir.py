@@ -124,7 +124,7 @@ def test_resuming_below_the_checkpoint_is_refused(synthetic_fmnist, tmp_path, ca
 @pytest.mark.parametrize("args,expected", [
     (["--config.nope=1"], "--config.nope: the config has no field 'nope'; valid here:"),
     (["--config.model_overrides.cut_stag=2"], "no field 'cut_stag'; valid here: batch_norm"),
-    (["--config.input.side=2"], "valid here: channels, mean, normalize, resize_to, std"),
+    (["--config.input.side=2"], "valid here: channels, mean, normalize, resize_to, seq_len, std"),
     (["--config.num_clients=abc"], "--config.num_clients=abc"),
     (["unexpected"], "unexpected arguments: unexpected"),
 ])

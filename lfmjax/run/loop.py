@@ -390,9 +390,11 @@ def evaluation_line(record: dict) -> str:
             if "test_accuracy_std" in record else "")
   val = (f" | val acc {100 * record['val_accuracy']:6.2f}%" if "val_accuracy" in record
          else "")
+  perplexity = (f" (perplexity {record['test_perplexity']:.2f})"
+                if "test_perplexity" in record else "")
   return (f"iter {record['iteration']:>6} | epoch {record['epoch']:7.2f} | test acc "
           f"{100 * record['test_accuracy']:6.2f}%{spread}{val} | test loss "
-          f"{record['test_loss']:.4f} | L {record['loss_real']:.4f} L~ "
+          f"{record['test_loss']:.4f}{perplexity} | L {record['loss_real']:.4f} L~ "
           f"{record['loss_mix']:.4f} L^ {record['loss_local']:.4f} | "
           f"{record['bytes_up'] / 2**20:.1f} MiB up, {record['bytes_down'] / 2**20:.1f} MiB "
           f"down | simulated {record['latency_s']:.1f}s")
@@ -476,6 +478,8 @@ def summarize(config, prep: Prepared, wd: Workdir, step: int, train_s: float,
           "final_test_accuracy_seeds": evals[-1].get("test_accuracy_seeds")}
          if config.num_seeds > 1 and evals else {}),
       "best_test_accuracy": max((e["test_accuracy"] for e in evals), default=None),
+      **({"final_test_perplexity": evals[-1]["test_perplexity"]}
+         if evals and "test_perplexity" in evals[-1] else {}),
       **at_best_validation(evals),
       "train_s": round(train_s, 2),
       "first_dispatch_s": round(compile_s or 0.0, 2),
@@ -494,6 +498,8 @@ def done_line(config, summary: dict, workdir) -> str:
   if summary.get("final_test_accuracy_std") is not None:
     acc += (f" +- {100 * summary['final_test_accuracy_std']:.2f} over {config.num_seeds} seeds "
             f"({', '.join(f'{100 * a:.2f}' for a in summary['final_test_accuracy_seeds'])})")
+  if "final_test_perplexity" in summary:
+    acc += f" | final test perplexity {summary['final_test_perplexity']:.2f}"
   if "test_accuracy_at_best_val" in summary:
     acc += f" | at the best validation {100 * summary['test_accuracy_at_best_val']:.2f}%"
   return (f"done: {summary['iterations']} iterations in {summary['train_s']:.1f}s "

@@ -19,8 +19,8 @@ from lfmjax.state import RoundState
 class MetricsWriter:
   """Appends JSON lines to metrics.jsonl and evaluation rows to eval.csv."""
 
-  EVAL_FIELDS = ("iteration", "epoch", "test_accuracy", "test_loss", "val_accuracy",
-                 "val_loss", "loss_real",
+  EVAL_FIELDS = ("iteration", "epoch", "test_accuracy", "test_loss", "test_perplexity",
+                 "val_accuracy", "val_loss", "val_perplexity", "loss_real",
                  "loss_mix", "loss_local", "loss_aux", "train_accuracy", "lr_client",
                  "lr_server", "dcor", "dcor_std", "grad_cosine", "grad_cosine_std",
                  "bytes_up", "bytes_down", "latency_s", "wall_s")
@@ -197,6 +197,11 @@ def split_scores(split: str, result: dict) -> dict[str, Any]:
     scores.update({f"{split}_accuracy_std": float(accuracy.std()),
                    f"{split}_accuracy_seeds": [float(a) for a in accuracy],
                    f"{split}_loss_seeds": [float(v) for v in loss]})
+  if "perplexity" in result:  # a seed's exp(mean loss); the mean over seeds
+    perplexity = np.asarray(result["perplexity"])
+    scores[f"{split}_perplexity"] = float(perplexity.mean())
+    if perplexity.ndim:
+      scores[f"{split}_perplexity_seeds"] = [float(p) for p in perplexity]
   return scores
 
 
