@@ -1,8 +1,8 @@
 """Transformers in split learning (issue 35): the eight algorithms on a split ViT, split
 LoRA fine-tuning of a pretrained byte LM, and the inversion attack on the ViT's tokens.
 
-    python experiments/transformers.py vit --iterations 1000 --seeds 3    # hours
-    python experiments/transformers.py lora --iterations 500 --seeds 3    # hours
+    python experiments/transformers.py vit     # 16 runs of 250 iterations, 3 seeds: ~4 h
+    python experiments/transformers.py lora    # pretraining + 15 runs of 300: ~2.5 h
     python experiments/transformers.py vit --quick                        # minutes
     python experiments/transformers.py lora --quick
 
@@ -40,7 +40,7 @@ VIT_SETTINGS = ("cifar_vit_iid", "cifar_vit_dir03")
 ATTACKED = ("psl", "sfl_v2", "locfedmix", "sl")
 LORA_ALGORITHMS = ("psl", "sfl_v1", "sfl_v2", "locfedmix")
 RANKS = (2, 8, 32)
-PRETRAIN_ITERATIONS = 3000
+PRETRAIN_ITERATIONS = 2000
 ROOT = os.path.dirname(common.HERE)
 
 
@@ -55,6 +55,11 @@ def flags() -> argparse.ArgumentParser:
                  help="vit: algorithms whose runs are attacked ('' for none)")
   p.add_argument("--attack_steps", type=int, default=500, help="the inverse network's steps")
   p.add_argument("--attack_hidden", type=int, default=32, help="its width")
+  p.add_argument("--seq_len", type=int, default=64,
+                 help="lora: bytes a window (configs/text_lm.py: 128; 64 for the CPU budget)")
+  p.add_argument("--batch", type=int, default=8,
+                 help="lora: windows a client an iteration (configs/text_lm.py: 16)")
+  p.set_defaults(eval_every=50, eval_clients=2)
   return p
 
 
@@ -68,12 +73,16 @@ def tiny(config) -> None:
   if config.dataset.startswith("kjv"):
     config.input.seq_len = 32
   config.eval_chunk = 64
+  config.eval_every = config.checkpoint_every = max(1, config.num_iterations // 2)
 
 
 def configured(args, setting: str, algorithm: str, clients: int, iterations: int):
   a = copy.copy(args)
   a.setting = setting
   config = common.make_config(a, algorithm, clients, iterations)
+  if config.dataset.startswith("kjv"):
+    config.input.seq_len = args.seq_len
+    config.batch_size = args.batch
   if args.quick:
     tiny(config)
   return config
@@ -82,7 +91,7 @@ def configured(args, setting: str, algorithm: str, clients: int, iterations: int
 # ---------------------------------------------------------------------------- vit
 
 def vit_runs(args) -> list[common.Run]:
-  iterations = args.iterations or (4 if args.quick else 1000)
+  iterations = args.iterations or (4 if args.quick else 250)
   clients = args.clients or (2 if args.quick else 10)
   algorithms = args.algorithms.split(",") if args.algorithms else common.ALGORITHMS
   runs = []
@@ -147,12 +156,14 @@ def pretrain_run(args) -> common.Run:
   config.partition = "iid"
   config.batch_size = 64
   config.num_seeds = 1  # one backbone for every fine-tuning run
+  if not args.quick:
+    config.eval_every = config.checkpoint_every = 200
   return common.Run("pretrain", {"variant": "pretrain", "algorithm": "psl", "rank": "",
                                  "clients": 1}, config)
 
 
 def lora_runs(args, backbone: str) -> list[common.Run]:
-  iterations = args.iterations or (4 if args.quick else 500)
+  iterations = args.iterations or (4 if args.quick else 300)
   clients = args.clients or (2 if args.quick else 10)
   algorithms = args.algorithms.split(",") if args.algorithms else LORA_ALGORITHMS
   ranks = [int(r) for r in args.ranks.split(",") if r]

