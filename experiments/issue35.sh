@@ -8,9 +8,10 @@
 # fresh clone without pretraining again.
 #
 #     D=/path/to/data bash experiments/issue35.sh        # D holds cifar10-jpg.tar.gz
+# From the repository's root: the fine-tuning runs name the backbone by its path there.
 set -euo pipefail
-cd "$(dirname "$0")"
-D=${D:-../../shared/data}
+cd "$(dirname "$0")/.."
+D=${D:-../shared/data}
 PY=${PY:-python}
-$PY transformers.py lora
-$PY transformers.py vit --data_dir "$D"
+$PY experiments/transformers.py lora
+$PY experiments/transformers.py vit --data_dir "$D"

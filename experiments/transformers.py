@@ -2,9 +2,10 @@
 LoRA fine-tuning of a pretrained byte LM, and the inversion attack on the ViT's tokens.
 
     python experiments/transformers.py vit     # 16 runs of 250 iterations, 3 seeds: ~4 h
-    python experiments/transformers.py lora    # pretraining + 15 runs of 300: ~2.5 h
+    python experiments/transformers.py lora    # pretraining + 19 runs of 300: ~3.5 h
     python experiments/transformers.py vit --quick                        # minutes
     python experiments/transformers.py lora --quick
+    python experiments/transformers.py lora --replot   # the plots from the CSV so far
 
 `vit`: every algorithm on CIFAR-10 with the split ViT of `configs/cifar_vit.py`, C = 10,
 IID and Dirichlet(0.3), trained from scratch (`common.cifar_vit`: 5,000 train images held
@@ -59,6 +60,8 @@ def flags() -> argparse.ArgumentParser:
                  help="lora: bytes a window (configs/text_lm.py: 128; 64 for the CPU budget)")
   p.add_argument("--batch", type=int, default=8,
                  help="lora: windows a client an iteration (configs/text_lm.py: 16)")
+  p.add_argument("--replot", action="store_true",
+                 help="redraw the part's plots from its CSV (as far as it goes); trains nothing")
   p.set_defaults(eval_every=50, eval_clients=2)
   return p
 
@@ -262,7 +265,19 @@ def main(argv=None):
   if args.out:
     args.out = os.path.abspath(args.out)
   os.chdir(ROOT)  # where the runs' relative `pretrained` paths start
+  if args.replot:
+    return replot(args)
   return vit(args) if args.part == "vit" else lora(args)
+
+
+def replot(args) -> list[dict]:
+  """The part's plots from the rows its CSV holds: the finished runs of a part that is
+  still under way (the CSV grows by a row a run), or of one that is done."""
+  name = f"transformers_{args.part}" + ("_quick" if args.quick else "")
+  root = os.path.join(args.out or common.RESULTS, name)
+  rows = common.read_csv(os.path.join(root, f"{name}.csv"))
+  (plot_vit if args.part == "vit" else plot_lora)(root, name, rows)
+  return rows
 
 
 if __name__ == "__main__":

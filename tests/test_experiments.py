@@ -295,3 +295,10 @@ def test_transformers_lora_quick_mode_pretrains_fine_tunes_and_plots(tmp_path, m
   monkeypatch.setattr(sys.modules["common"], "train_and_evaluate", must_not_train)
   again = transformers.main(args)
   assert [r["test_perplexity"] for r in again] == [r["test_perplexity"] for r in rows]
+  for stem in ("bytes", "latency"):
+    (tmp_path / name / f"{name}_{stem}.png").unlink()
+  replotted = transformers.main(args + ["--replot"])
+  assert [float(r["test_perplexity"]) for r in replotted] == [
+      float(r["test_perplexity"]) for r in rows]
+  for stem in ("bytes", "latency"):
+    assert (tmp_path / name / f"{name}_{stem}.png").stat().st_size > 1000
