@@ -24,7 +24,8 @@ B, T, N, H = 256, 65, 4, 16
 
 
 def timed(fn, *args, calls: int = 10) -> float:
-  """Median milliseconds of one call of `fn(*args)` (its outputs waited for)."""
+  """Median milliseconds of one call of `fn(*args)`, its JAX outputs waited for (torch
+  runs eagerly: its calls return when done)."""
   fn(*args)
   times = []
   for _ in range(calls):
@@ -99,16 +100,6 @@ def torch_rows() -> list[tuple[str, float, float]]:
   except ImportError:
     return []
   torch.manual_seed(0)
-
-  def timed_torch(fn) -> float:
-    fn()
-    times = []
-    for _ in range(10):
-      t = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
-
   q, k, v = (torch.randn(B, N, T, H, requires_grad=True) for _ in range(3))
   dy = torch.randn(B, N, T, H)
   sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -118,8 +109,8 @@ def torch_rows() -> list[tuple[str, float, float]]:
     with torch.no_grad():
       sdpa(q, k, v)
 
-  rows.append(("attention torch scaled_dot_product_attention", timed_torch(attn_fwd),
-               timed_torch(lambda: sdpa(q, k, v).backward(dy))))
+  rows.append(("attention torch scaled_dot_product_attention", timed(attn_fwd),
+               timed(lambda: sdpa(q, k, v).backward(dy))))
   for width in (64, 128):
     x = torch.randn(B * T, 64, requires_grad=True)
     w = torch.randn(64, width, requires_grad=True)
@@ -129,8 +120,8 @@ def torch_rows() -> list[tuple[str, float, float]]:
       with torch.no_grad():
         x @ w
 
-    rows.append((f"dense 64 -> {width} (torch)", timed_torch(dense_fwd),
-                 timed_torch(lambda: (x @ w).backward(dy))))
+    rows.append((f"dense 64 -> {width} (torch)", timed(dense_fwd),
+                 timed(lambda: (x @ w).backward(dy))))
   return rows
 
 

@@ -8,7 +8,7 @@
 # fresh clone without pretraining again.
 #
 #     D=/path/to/data bash experiments/issue35.sh        # D holds cifar10-jpg.tar.gz
-# From the repository's root: the fine-tuning runs name the backbone by its path there.
+# Run from the repository's root, where transformers.py resolves paths (D included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${D:-../shared/data}

@@ -66,6 +66,11 @@ def flags() -> argparse.ArgumentParser:
   return p
 
 
+def results_name(args) -> str:
+  """The part's results directory and CSV stem: transformers_<part>[_quick]."""
+  return f"transformers_{args.part}" + ("_quick" if args.quick else "")
+
+
 def tiny(config) -> None:
   """--quick: a model small enough for minutes on a CPU."""
   config.model_overrides.width = 16
@@ -107,8 +112,7 @@ def vit_runs(args) -> list[common.Run]:
 
 
 def vit(args) -> list[dict]:
-  name = "transformers_vit" + ("_quick" if args.quick else "")
-  base = args.out or common.RESULTS
+  name, base = results_name(args), args.out or common.RESULTS
   settings = privacy.attack_settings(args)
   attacked = {a for a in args.attack_variants.split(",") if a}
   trained, rows = [], []
@@ -199,8 +203,7 @@ def lora_runs(args, backbone: str) -> list[common.Run]:
 
 
 def lora(args) -> list[dict]:
-  name = "transformers_lora" + ("_quick" if args.quick else "")
-  base = args.out or common.RESULTS
+  name, base = results_name(args), args.out or common.RESULTS
   pre = pretrain_run(args)
   (pre_row,) = common.run_all(name, [pre], args.out, csv_name=f"{name}_pretrain")
   backbone = os.path.normpath(os.path.join(base, name, pre_row["workdir"]))
@@ -273,7 +276,7 @@ def main(argv=None):
 def replot(args) -> list[dict]:
   """The part's plots from the rows its CSV holds: the finished runs of a part that is
   still under way (the CSV grows by a row a run), or of one that is done."""
-  name = f"transformers_{args.part}" + ("_quick" if args.quick else "")
+  name = results_name(args)
   root = os.path.join(args.out or common.RESULTS, name)
   rows = common.read_csv(os.path.join(root, f"{name}.csv"))
   (plot_vit if args.part == "vit" else plot_lora)(root, name, rows)
