@@ -249,12 +249,18 @@ def plot_lora(root: str, name: str, rows: list[dict]) -> None:
           ax.annotate(f"r={r['rank']}" if r["rank"] else "full", (x, float(r["test_perplexity"])),
                       fontsize=6, color=line.get_color(), xytext=(3, 3),
                       textcoords="offset points")
+      # The run from scratch sits far above the rest; drawn at the top edge with its value
+      # so that the fine-tuning runs keep a readable scale.
+      shown = [float(r["test_perplexity"]) for r in rows if r["variant"] != "scratch"]
+      top = max(shown) + 0.1 * (max(shown) - min(shown))
       for r in rows:
         if r["variant"] in ("local_only", "pretrained_as_is", "scratch"):
-          x = max(float(r[x_field]), 1e-3)
-          ax.plot([x], [float(r["test_perplexity"])], "kx")
-          ax.annotate(r["variant"], (x, float(r["test_perplexity"])), fontsize=6,
-                      xytext=(3, -8), textcoords="offset points")
+          x, y = max(float(r[x_field]), 1e-3), float(r["test_perplexity"])
+          label = r["variant"] if y <= top else f"{r['variant']}: {y:.2f} (off scale)"
+          ax.plot([x], [min(y, top)], "kx" if y <= top else "k^")
+          ax.annotate(label, (x, min(y, top)), fontsize=6, xytext=(3, -8),
+                      textcoords="offset points")
+      ax.set_ylim(min(shown) - 0.05 * (max(shown) - min(shown)), top * 1.005)
       ax.set_xscale("log")
       ax.set_xlabel(xlabel)
       ax.set_ylabel("test perplexity per byte (lower is better)")
