@@ -18,6 +18,9 @@ homogeneous against lognormal devices with and without the deadline.
 `privacy_<setting>` (issue 17): per run, the attacked model's accuracy (and, for a run
 trained again, the committed one and the largest seed difference) beside the attack's
 scores, mean ± std over the attacked lowers.
+`transformers_vit` (issue 35): per algorithm, the split ViT's accuracy on the IID and the
+Dirichlet(0.3) split, and the attack on its IID tokens beside issue 17's attack on the
+CNN (`privacy_sglr_resnet16`, where that CSV is present).
 """
 from __future__ import annotations
 
@@ -185,8 +188,32 @@ def privacy(name: str, base: str) -> str:
   return "\n".join(out)
 
 
+def transformers_vit(name: str, base: str) -> str:
+  """Algorithm x split, and the inversion attack on the tokens beside the CNN's."""
+  rows = read(name, base)
+  cnn_path = os.path.join(base, "privacy_sglr_resnet16", "privacy_sglr_resnet16.csv")
+  cnn = ({r["variant"]: r for r in common.read_csv(cnn_path)}
+         if os.path.exists(cnn_path) else {})
+  by = {(r["setting"], r["algorithm"]): r for r in rows}
+  out = ["| algorithm | IID test accuracy (%) | Dir(0.3) test accuracy (%) | wall s (IID, Dir) "
+         "| PSNR on tokens (dB) | SSIM | dCor(x, u) | CNN's PSNR, issue 17 (dB) |",
+         "|---" * 8 + "|"]
+  for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
+    iid, dirichlet = by.get(("cifar_vit_iid", algorithm)), by.get(("cifar_vit_dir03", algorithm))
+    attacked = iid and iid.get("psnr") not in (None, "")
+    cells = [algorithm, accuracy(iid) if iid else "", accuracy(dirichlet) if dirichlet else "",
+             ", ".join(f"{float(r['wall_s']):.0f}" for r in (iid, dirichlet) if r),
+             spread(iid, "psnr", 2) if attacked else "", spread(iid, "ssim", 3) if attacked else "",
+             spread(iid, "dcor", 3) if attacked else "",
+             spread(cnn[algorithm], "psnr", 2) if attacked and algorithm in cnn else ""]
+    out.append("| " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
 def table(name: str, base: str = common.RESULTS) -> str:
   kind = name.split("_")[0]
+  if name.startswith("transformers_vit"):
+    return transformers_vit(name, base)
   if kind == "privacy":
     return privacy(name, base)
   if kind == "runs":  # e.g. runs_scalability_sglr_resnet16

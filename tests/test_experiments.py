@@ -159,6 +159,26 @@ def test_long_curves_are_thinned_to_the_first_five_and_every_fifth_evaluation():
                           most=12).splitlines()[2].split("|")) == 12 + 3
 
 
+def test_vit_table_puts_both_splits_and_the_cnn_attack_beside_each_algorithm(tmp_path):
+  """tables.py transformers_vit: a row an algorithm, IID beside Dirichlet(0.3), the attack
+  on the IID tokens beside issue 17's attack on the CNN for the same algorithm."""
+  tables, common = script("tables"), sys.modules["common"]
+  def run(setting, algorithm, acc, **attack):
+    return {"setting": setting, "algorithm": algorithm, "test_accuracy": acc,
+            "test_accuracy_std": 0.5, "wall_s": 600.4, **attack}
+  common.write_csv(str(tmp_path / "transformers_vit" / "transformers_vit.csv"), [
+      run("cifar_vit_iid", "psl", 40.0, psnr=29.1, psnr_std=0.2, ssim=0.9, ssim_std=0.01,
+          dcor=0.9, dcor_std=0.02),
+      run("cifar_vit_iid", "sfl_v1", 44.0),
+      run("cifar_vit_dir03", "psl", 30.0)])
+  common.write_csv(str(tmp_path / "privacy_sglr_resnet16" / "privacy_sglr_resnet16.csv"),
+                   [{"variant": "psl", "psnr": 23.77, "psnr_std": 0.63}])
+  lines = tables.table("transformers_vit", base=str(tmp_path)).splitlines()
+  assert lines[2] == ("| psl | 40.00 ± 0.50 | 30.00 ± 0.50 | 600, 600 | 29.10 ± 0.20 "
+                      "| 0.900 ± 0.010 | 0.900 ± 0.020 | 23.77 ± 0.63 |")
+  assert lines[3] == "| sfl_v1 | 44.00 ± 0.50 |  | 600 |  |  |  |  |"
+
+
 @needs_fmnist
 def test_privacy_quick_mode_trains_attacks_and_plots_the_frontier(tmp_path):
   """Issue 17's experiment on a subset: an algorithm and a defence on LocFedMix-SL, each
