@@ -19,8 +19,8 @@ homogeneous against lognormal devices with and without the deadline.
 trained again, the committed one and the largest seed difference) beside the attack's
 scores, mean ± std over the attacked lowers.
 `transformers_vit` (issue 35): per algorithm, the split ViT's accuracy on the IID and the
-Dirichlet(0.3) split, and the attack on its IID tokens beside issue 17's attack on the
-CNN (`privacy_sglr_resnet16`, where that CSV is present).
+Dirichlet(0.3) split beside the VGG's in the same setting, and the attack on its IID
+tokens beside issue 17's attack on the CNN (each CNN column where its CSV is present).
 """
 from __future__ import annotations
 
@@ -189,23 +189,30 @@ def privacy(name: str, base: str) -> str:
 
 
 def transformers_vit(name: str, base: str) -> str:
-  """Algorithm x split, and the inversion attack on the tokens beside the CNN's."""
-  rows = read(name, base)
-  cnn_path = os.path.join(base, "privacy_sglr_resnet16", "privacy_sglr_resnet16.csv")
-  cnn = ({r["variant"]: r for r in common.read_csv(cnn_path)}
-         if os.path.exists(cnn_path) else {})
-  by = {(r["setting"], r["algorithm"]): r for r in rows}
-  out = ["| algorithm | IID test accuracy (%) | Dir(0.3) test accuracy (%) | wall s (IID, Dir) "
-         "| PSNR on tokens (dB) | SSIM | dCor(x, u) | CNN's PSNR, issue 17 (dB) |",
-         "|---" * 8 + "|"]
-  for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
-    iid, dirichlet = by.get(("cifar_vit_iid", algorithm)), by.get(("cifar_vit_dir03", algorithm))
-    attacked = iid and iid.get("psnr") not in (None, "")
-    cells = [algorithm, accuracy(iid) if iid else "", accuracy(dirichlet) if dirichlet else "",
+  """Algorithm x split beside the VGG's accuracy in the same setting (issue 16's
+  `scalability_cifar_vgg_*` at C = 10), and the inversion attack on the tokens beside
+  issue 17's attack on the CNN; a CNN column is empty where its CSV is absent."""
+  def by_algorithm(stem, key="algorithm", clients=None):
+    path = os.path.join(base, stem, f"{stem}.csv")
+    rows = common.read_csv(path) if os.path.exists(path) else []
+    return {r[key]: r for r in rows if clients is None or str(r["clients"]) == clients}
+  vit = {(r["setting"], r["algorithm"]): r for r in read(name, base)}
+  vgg = {s: by_algorithm(f"scalability_cifar_vgg_{s}", clients="10") for s in ("iid", "dir03")}
+  cnn_attack = by_algorithm("privacy_sglr_resnet16", key="variant")
+  out = ["| algorithm | ViT IID (%) | VGG IID (%) | ViT Dir(0.3) (%) | VGG Dir(0.3) (%) "
+         "| ViT wall s (IID, Dir) | PSNR on tokens (dB) | SSIM | dCor(x, u) "
+         "| CNN's PSNR, issue 17 (dB) |", "|---" * 10 + "|"]
+  cell = lambda r, f: f(r) if r else ""
+  for algorithm in dict.fromkeys(a for _, a in vit):
+    iid, dirichlet = vit.get(("cifar_vit_iid", algorithm)), vit.get(("cifar_vit_dir03", algorithm))
+    attacked = iid if iid and iid.get("psnr") not in (None, "") else None
+    cells = [algorithm, cell(iid, accuracy), cell(vgg["iid"].get(algorithm), accuracy),
+             cell(dirichlet, accuracy), cell(vgg["dir03"].get(algorithm), accuracy),
              ", ".join(f"{float(r['wall_s']):.0f}" for r in (iid, dirichlet) if r),
-             spread(iid, "psnr", 2) if attacked else "", spread(iid, "ssim", 3) if attacked else "",
-             spread(iid, "dcor", 3) if attacked else "",
-             spread(cnn[algorithm], "psnr", 2) if attacked and algorithm in cnn else ""]
+             cell(attacked, lambda r: spread(r, "psnr", 2)),
+             cell(attacked, lambda r: spread(r, "ssim", 3)),
+             cell(attacked, lambda r: spread(r, "dcor", 3)),
+             cell(attacked and cnn_attack.get(algorithm), lambda r: spread(r, "psnr", 2))]
     out.append("| " + " | ".join(cells) + " |")
   return "\n".join(out)
 

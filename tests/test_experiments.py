@@ -160,8 +160,8 @@ def test_long_curves_are_thinned_to_the_first_five_and_every_fifth_evaluation():
 
 
 def test_vit_table_puts_both_splits_and_the_cnn_attack_beside_each_algorithm(tmp_path):
-  """tables.py transformers_vit: a row an algorithm, IID beside Dirichlet(0.3), the attack
-  on the IID tokens beside issue 17's attack on the CNN for the same algorithm."""
+  """tables.py transformers_vit: a row an algorithm, IID beside Dirichlet(0.3), each beside
+  the VGG at C = 10, the attack on the IID tokens beside issue 17's attack on the CNN."""
   tables, common = script("tables"), sys.modules["common"]
   def run(setting, algorithm, acc, **attack):
     return {"setting": setting, "algorithm": algorithm, "test_accuracy": acc,
@@ -173,10 +173,14 @@ def test_vit_table_puts_both_splits_and_the_cnn_attack_beside_each_algorithm(tmp
       run("cifar_vit_dir03", "psl", 30.0)])
   common.write_csv(str(tmp_path / "privacy_sglr_resnet16" / "privacy_sglr_resnet16.csv"),
                    [{"variant": "psl", "psnr": 23.77, "psnr_std": 0.63}])
+  vgg = tmp_path / "scalability_cifar_vgg_iid" / "scalability_cifar_vgg_iid.csv"
+  common.write_csv(str(vgg), [  # only C = 10 is the ViT's setting
+      {"algorithm": "psl", "clients": 1, "test_accuracy": 60.0, "test_accuracy_std": 0.1},
+      {"algorithm": "psl", "clients": 10, "test_accuracy": 53.57, "test_accuracy_std": 0.19}])
   lines = tables.table("transformers_vit", base=str(tmp_path)).splitlines()
-  assert lines[2] == ("| psl | 40.00 ± 0.50 | 30.00 ± 0.50 | 600, 600 | 29.10 ± 0.20 "
-                      "| 0.900 ± 0.010 | 0.900 ± 0.020 | 23.77 ± 0.63 |")
-  assert lines[3] == "| sfl_v1 | 44.00 ± 0.50 |  | 600 |  |  |  |  |"
+  assert lines[2] == ("| psl | 40.00 ± 0.50 | 53.57 ± 0.19 | 30.00 ± 0.50 |  | 600, 600 "
+                      "| 29.10 ± 0.20 | 0.900 ± 0.010 | 0.900 ± 0.020 | 23.77 ± 0.63 |")
+  assert lines[3] == "| sfl_v1 | 44.00 ± 0.50 |  |  |  | 600 |  |  |  |  |"
 
 
 @needs_fmnist
