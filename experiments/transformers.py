@@ -141,6 +141,8 @@ def plot_vit(root: str, name: str, rows: list[dict]) -> None:
     width = 0.8 / len(VIT_SETTINGS)
     for i, setting in enumerate(VIT_SETTINGS):
       by = {r["algorithm"]: r for r in rows if r["setting"] == setting}
+      if not by:  # a split not run yet: no empty legend entry
+        continue
       xs = [j + i * width for j, a in enumerate(algorithms) if a in by]
       ys = [float(by[a]["test_accuracy"]) for a in algorithms if a in by]
       es = [float(by[a]["test_accuracy_std"]) for a in algorithms if a in by]
