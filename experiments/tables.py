@@ -193,8 +193,7 @@ def transformers_vit(name: str, base: str) -> str:
   `scalability_cifar_vgg_*` at C = 10), and the inversion attack on the tokens beside
   issue 17's attack on the CNN; a CNN column is empty where its CSV is absent."""
   def by_algorithm(stem, key="algorithm", clients=None):
-    path = os.path.join(base, stem, f"{stem}.csv")
-    rows = common.read_csv(path) if os.path.exists(path) else []
+    rows = read(stem, base) if os.path.exists(os.path.join(base, stem)) else []
     return {r[key]: r for r in rows if clients is None or str(r["clients"]) == clients}
   vit = {(r["setting"], r["algorithm"]): r for r in read(name, base)}
   vgg = {s: by_algorithm(f"scalability_cifar_vgg_{s}", clients="10") for s in ("iid", "dir03")}
