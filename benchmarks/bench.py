@@ -104,7 +104,7 @@ def round_config(path: BenchPath, clients: int, batch: int, clients_per_round=No
   """The path's RoundConfig, built the way a run's is: base_config's defaults (mu = 1,
   one SmashMix batch, Beta(2, 2), FedAvg every iteration) with the path's algorithm and
   optimiser on both sides."""
-  from lfmjax.algorithms import round_config_from
+  from lfmjax.config_round import round_config_from
   from lfmjax.config import base_config
   config = base_config()
   config.algorithm = path.algo
@@ -137,7 +137,7 @@ def config_point(path: BenchPath, clients: int, batch: int, clients_per_round=No
   as a run builds them (`round_config_from`, `get_model` with the config's overrides and
   LoRA), on random data of the dataset's shape (32x32x3 images, or 128-byte windows)."""
   import numpy as np
-  from lfmjax.algorithms import round_config_from
+  from lfmjax.config_round import round_config_from
   from lfmjax.data.datasets import dataset_kind
   from lfmjax.models import get_model
   from lfmjax.run.validate import lora_options, model_overrides

@@ -28,7 +28,8 @@ if interrupt.starting_cli():  # before the imports below, which take seconds
   interrupt.install()
 
 from lfmjax import data, mesh  # noqa: E402
-from lfmjax.algorithms import ALGORITHMS, RoundConfig, SpecError, preset, round_config_from
+from lfmjax.algorithms import ALGORITHMS, RoundConfig, SpecError, preset
+from lfmjax.config_round import round_config_from
 from lfmjax.evaluate import make_evaluate, pad_to_chunks
 from lfmjax.mesh import jit_sharded, make_mesh, make_placement, padded_round, put_global
 from lfmjax.models import SplitModel, get_model

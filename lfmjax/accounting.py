@@ -19,6 +19,13 @@ Both are closed forms in the iteration count, fixed when the round is built:
   vanilla SL adds up every mini-batch of every client's turn and every hand-on;
   LocSplitFed's clients do not wait for the server, so an iteration is the longer of
   (client + up) and the server.
+* **A U-shaped split** (`lfmjax.ushape`) sends no labels; it adds a second round trip
+  at the second cut: the server's features h down (B*F) and the gradient the client
+  returns up (B*F), and for SmashMix each mixed batch's features to both clients it
+  mixes and both returned gradients (2*n_s*B*F each way, per client on average). The
+  four transfers happen one after another, so the iteration's time counts both round
+  trips. The heads' FLOPs (one dense layer) are counted with the server's phase they
+  run inside; the head is averaged and handed on with the lower.
 """
 from __future__ import annotations
 
@@ -112,6 +119,8 @@ def averaged_client_bytes(cfg: RoundConfig, state: RoundState) -> int:
   """|w_c|: what a client sends (and receives) at FedAvg."""
   clients = state.clients
   parts = [clients.params["lower"], clients.stats["lower"]]
+  if cfg.client_head:
+    parts += [clients.params["head"], clients.stats["head"]]
   if cfg.uses_decoder:
     parts += [clients.params["decoder"], clients.stats["decoder"]]
   if cfg.uses_aux_head:
@@ -137,20 +146,35 @@ def make_ledger(cfg: RoundConfig, model: SplitModel, state: RoundState,
   s = smashed_shape(cfg, model, data)
   # B * S(L) * itemsize; with quantisation the k-bit codes and each sample's scale.
   elements = int(np.prod(s.shape[1:]))
+  labels = 0 if cfg.client_head else cfg.batch_size * labels_per_sample(data) * LABEL_BYTES
   up = (privacy.smashed_bytes(elements, cfg.batch_size, s.dtype.itemsize, cfg.quantize_bits)
-        + cfg.batch_size * labels_per_sample(data) * LABEL_BYTES)
+        + labels)
   # The gradient comes back in full precision.
   down = (0 if cfg.client_gradient == "none"
           else privacy.smashed_bytes(elements, cfg.batch_size, s.dtype.itemsize))
+  if cfg.client_head:  # the second cut: features down, their gradient back up
+    h = features_shape(model, s)
+    second = h.dtype.itemsize * int(np.prod(h.shape)) * (
+        1 + (2 * cfg.num_mixed if cfg.smashmix else 0))
+    up, down = up + second, down + second
   batches, handoff = 1.0, 0
   if cfg.server_mode == "relay":
     batches = float(np.mean(turn_steps(cfg, data)))
     if cfg.num_clients > 1:
-      handoff = tree_bytes(one_client([state.clients.params["lower"],
-                                       state.clients.stats["lower"]]))
+      relayed = ("lower", "head") if cfg.client_head else ("lower",)
+      handoff = tree_bytes(one_client([getattr(state.clients, part)[name]
+                                       for name in relayed for part in ("params", "stats")]))
   sync_every = cfg.fedavg_every if cfg.fedavg else 0
   return CommLedger(cfg.num_clients, up, down, averaged_client_bytes(cfg, state) if
                     sync_every else 0, sync_every, batches, handoff)
+
+
+def features_shape(model: SplitModel, s: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+  """Abstract output of the server's body on one client batch (a U-shaped split's h)."""
+  def body(s):
+    variables = model.upper.init(jax.random.key(0), s, train=False)
+    return model.upper.apply(variables, s, train=False)
+  return jax.eval_shape(body, s)
 
 
 def labels_per_sample(data: RoundData) -> int:
@@ -183,6 +207,8 @@ def count_flops(cfg: RoundConfig, model: SplitModel, state: RoundState, data: Ro
   def client_work(frozen, params, stats, opt_state, x, x01, y, g):
     client_forward = round_lib.make_client_forward(cfg, bound(frozen))
     s, vjp, ds_local, head_grads, new_stats, _, _ = client_forward(params, stats, x, x01, y)
+    if cfg.client_head:  # the head's step (its gradient comes from the server's phase)
+      head_grads = {**head_grads, "head": jax.tree.map(jnp.zeros_like, params["head"])}
     return round_lib.make_client_update(cfg)(params, opt_state, vjp, g, ds_local,
                                              head_grads), s
 
@@ -191,22 +217,24 @@ def count_flops(cfg: RoundConfig, model: SplitModel, state: RoundState, data: Ro
   if cfg.server_mode == "single":
     c = cfg.num_clients
 
-    def server_work(frozen, sv, s, y, w, k):
+    def server_work(frozen, sv, s, y, w, k, heads):
       phase = round_lib.make_server_phase(cfg, bound(frozen))
-      return phase(sv, s, y, w, k, jnp.zeros((), jnp.int32))
+      return phase(sv, s, y, w, k, jnp.zeros((), jnp.int32), heads)
 
     server = compiled_flops(server_work, state.frozen, state.server,
                             jax.ShapeDtypeStruct((c,) + s.shape, s.dtype),
                             jax.ShapeDtypeStruct((c,) + y.shape, jnp.int32), data.weights_C,
-                            state.key)
+                            state.key, round_lib.client_heads(cfg, state.clients, c))
   else:  # a step per client (vanilla SL: per mini-batch of a turn), one after another
     server_one = (one_client(state.server) if cfg.server_mode == "per_client"
                   else state.server)
     steps = (int(turn_steps(cfg, data).sum()) if cfg.server_mode == "relay"
              else cfg.num_clients)
+    head = (jax.tree.map(lambda a: a[0], state.clients.params["head"]) if cfg.client_head
+            else None)
     server = steps * compiled_flops(
         lambda frozen, *a: round_lib.make_server_step_one(cfg, bound(frozen))(*a),
-        state.frozen, server_one, s, y)
+        state.frozen, server_one, s, y, head)
   return client, server
 
 

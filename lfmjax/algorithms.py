@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lfmjax import privacy
+from lfmjax import label_privacy, privacy
 from lfmjax.data import preprocess
 from lfmjax.optim import OptimizerSpec
 
@@ -128,6 +128,9 @@ class RoundConfig:
   # Structure (see ALGORITHMS).
   server_mode: str = "single"
   client_gradient: str = "own"
+  # A U-shaped split (`lfmjax.ushape`): the clients hold the model's last layer and the
+  # loss, so no label reaches the server; the model needs a head (`SplitModel.head`).
+  client_head: bool = False
   # Vanilla SL: mini-batches a client processes in its turn before handing the lower
   # on; None: one local epoch, ceil(|D_k| / B) for client k (`turn_steps`).
   sl_turn_steps: int | None = None
@@ -147,6 +150,14 @@ class RoundConfig:
   noise_snr_db: float | None = None       # or the sigma giving this SNR on each batch
   quantize_bits: int = 0                  # k-bit quantisation of s (0: off)
   nopeek_weight: float = 0.0              # NoPeek: weight of dCor(x, s) in the client loss
+  # Label privacy (`lfmjax.label_privacy`): defences on the gradient the label holder
+  # sends (the server's download; a U-shaped client's returned gradient), and
+  # randomised response on the labels the server receives.
+  grad_noise_std: float = 0.0             # isotropic Gaussian noise sigma (0: off)
+  grad_max_norm: bool = False             # Li et al.'s max-norm perturbation
+  grad_keep_fraction: float = 1.0         # top-k sparsification: the share kept (1: off)
+  grad_quantize_bits: int = 0             # k-bit quantisation per sample (0: off)
+  label_rr_epsilon: float | None = None   # eps of K-ary randomised response (None: off)
   # Participation (`lfmjax.participation`): K of the C clients take part in an iteration.
   clients_per_round: int | None = None    # K; None: all C
   participant_sampling: str = "uniform"   # 'uniform' or 'by_size' (in proportion to |D_k|)
@@ -217,6 +228,20 @@ class RoundConfig:
          f"0 (off) or 1 to {MAX_QUANTIZE_BITS} bits an element"),
         (not 0.0 <= self.nopeek_weight < math.inf, "nopeek_weight",
          "NoPeek's weight on dCor(x, s) must be >= 0"),
+        (not 0.0 <= self.grad_noise_std < math.inf, "grad_noise_std",
+         "the gradient noise's sigma must be >= 0"),
+        (not 0.0 < self.grad_keep_fraction <= 1.0, "grad_keep_fraction",
+         "the share of each gradient kept must lie in (0, 1] (1: off)"),
+        (not 0 <= self.grad_quantize_bits <= MAX_QUANTIZE_BITS, "grad_quantize_bits",
+         f"0 (off) or 1 to {MAX_QUANTIZE_BITS} bits an element"),
+        (self.label_rr_epsilon is not None and not 0.0 < self.label_rr_epsilon <= 50.0,
+         "label_rr_epsilon", "randomised response's eps must lie in (0, 50] (or None: off)"),
+        (self.label_rr_epsilon is not None and self.client_head, "label_rr_epsilon",
+         "a U-shaped split (client_head) sends no label to the server: randomised "
+         "response has nothing to protect; leave it unset"),
+        (self.defends_gradient and self.client_gradient == "none" and not self.client_head,
+         "client_gradient", "the gradient defences act on the gradient the server sends, "
+         "and with client_gradient='none' (LocSplitFed) it sends none: turn them off"),
     )
 
   def _participation_rules(self):
@@ -271,6 +296,12 @@ class RoundConfig:
     yield (self.client_gradient == "none" and self.local_ce_weight == 0.0, "local_ce_weight",
            "with client_gradient='none' the clients learn only from the aux head: set it "
            "above 0")
+    yield (self.client_head and self.client_gradient == "none", "client_head",
+           "LocSplitFed's clients never wait for the server, and a U-shaped split makes "
+           "them wait for its features: set client_head=False or pick another algorithm")
+    yield (self.client_head and bool(self.frozen_segments), "client_head",
+           "a U-shaped split is not built for LoRA fine-tuning (a frozen backbone): set "
+           "client_head=False")
 
   def preprocess(self, x_uint8):
     """uint8 images -> (x_model, x01) with this run's resize, channels, normalisation;
@@ -298,6 +329,20 @@ class RoundConfig:
     if not self.defends_upload:
       return s_BxS
     return privacy.defend(key, s_BxS, self.noise_std, self.noise_snr_db, self.quantize_bits)
+
+  @property
+  def defends_gradient(self) -> bool:
+    """Whether the label holder's outgoing gradient is perturbed (`label_privacy`)."""
+    return (self.grad_noise_std > 0 or self.grad_max_norm or self.grad_keep_fraction < 1.0
+            or self.grad_quantize_bits > 0)
+
+  def defend_gradient(self, key, g_BxS):
+    """One client's gradient as the label holder sends it (g itself when off)."""
+    if not self.defends_gradient:
+      return g_BxS
+    return label_privacy.defend_gradient(
+        key, g_BxS, noise_std=self.grad_noise_std, max_norm=self.grad_max_norm,
+        keep_fraction=self.grad_keep_fraction, quantize_bits=self.grad_quantize_bits)
 
   @property
   def uses_decoder(self) -> bool:
@@ -422,83 +467,3 @@ def preset(algorithm: str, **fields) -> RoundConfig:
     raise ValueError(f"algorithm {algorithm!r} is unknown; use one of "
                      f"{', '.join(sorted(ALGORITHMS))}")
   return RoundConfig(**{**ALGORITHMS[algorithm], **fields})
-
-
-def resolve_switches(config: Any) -> dict[str, bool]:
-  """The Loc/Fed/Mix/GradMix switches: the config's where set, else the algorithm's."""
-  defaults = ALGORITHMS[config.algorithm]
-  return {name: (defaults[name] if config.get(name) is None else bool(config.get(name)))
-          for name in SWITCHES}
-
-
-def round_config_from(config: Any, num_classes: int, sizes_C=None,
-                      inputs: str = "images") -> RoundConfig:
-  """The RoundConfig an ml_collections config names: its algorithm's preset with the
-  config's fields over it (the config uses RoundConfig's names). Server steps an
-  iteration count the K participants (`clients_per_round`).
-
-  `sizes_C`, the clients' data sizes, fix the schedules' horizon of vanilla SL, whose
-  clients and server step once per mini-batch of a turn: without them a turn counts
-  as one step (enough to check a config). `inputs`: the dataset's kind ('images' or
-  'tokens', `Dataset.kind`)."""
-  local_ce_weight = config.local_ce_weight
-  if local_ce_weight is None:
-    local_ce_weight = ALGORITHMS[config.algorithm]["local_ce_weight"]
-  # SGLR's SplitLr: eta_s = eta_c * C ** alpha_lr, unless the server's rate is given.
-  server_lr, exponent = config.server_lr, 0.0
-  if server_lr is None:
-    server_lr, exponent = config.client_lr, config.server_lr_exponent
-    if exponent is None:
-      exponent = ALGORITHMS[config.algorithm]["server_lr_exponent"]
-  client_steps = server_steps = config.num_iterations
-  participants = config.get("clients_per_round") or config.num_clients
-  server_steps *= server_updates_per_iteration(ALGORITHMS[config.algorithm]["server_mode"],
-                                               participants)
-  same_names = ("num_clients", "batch_size", "local_loss_weight", "local_loss_kind",
-                "num_mixed", "mixup_alpha", "mix_grad_to_clients", "fedavg_every",
-                "fedavg_opt_state", "averaged_clients", "gradmix_fraction")
-  image = config.input
-  turns = {} if config.sl_turn_steps is None else {"sl_turn_steps": config.sl_turn_steps}
-  if ALGORITHMS[config.algorithm]["server_mode"] == "relay" and sizes_C is not None:
-    steps_C = turn_steps(np.asarray(sizes_C), config.batch_size, config.sl_turn_steps)
-    client_steps = config.num_iterations * int(steps_C.max())
-    server_steps = config.num_iterations * (  # K participants' turns, on average
-        int(steps_C.sum()) if participants == config.num_clients
-        else int(round(float(steps_C.mean()) * participants)))
-  participation = {name: config[name] for name in PARTICIPATION_FIELDS if name in config}
-  lora = config.get("lora") or {}
-  frozen = ("lower", "upper") if lora and lora.get("rank") else ()
-  privacy_fields = config.get("privacy") or {}
-  defences = {name: privacy_fields[name] for name in PRIVACY_FIELDS if name in privacy_fields}
-  return preset(
-      config.algorithm, num_classes=num_classes,
-      **{name: config[name] for name in same_names}, **resolve_switches(config), **turns,
-      **defences, **participation,
-      local_ce_weight=float(local_ce_weight), server_lr_exponent=float(exponent),
-      client_opt=optimizer_spec(config, "client", config.client_lr, client_steps),
-      server_opt=optimizer_spec(config, "server", float(server_lr), server_steps),
-      frozen_segments=frozen, inputs=inputs, resize_to=image.resize_to, channels=image.channels,
-      normalize=image.normalize, mean=tuple(image.mean) if image.mean else None,
-      std=tuple(image.std) if image.std else None)
-
-
-# RoundConfig's fields the config holds at its top level for participation.
-PARTICIPATION_FIELDS = ("clients_per_round", "participant_sampling", "dropout_prob",
-                        "deadline_s")
-# RoundConfig's fields the config holds under `privacy`.
-PRIVACY_FIELDS = ("noise_std", "noise_snr_db", "quantize_bits", "nopeek_weight")
-
-
-def optimizer_spec(config: Any, side: str, learning_rate: float, total_steps: int
-                   ) -> OptimizerSpec:
-  """One side's OptimizerSpec from the config: the server's fields, where None, are
-  the client's."""
-  def field(name):
-    value = config.get(f"server_{name}") if side == "server" else None
-    return config.get(f"client_{name}") if value is None else value
-  return OptimizerSpec(
-      name=field("optimizer"), learning_rate=learning_rate, momentum=config.momentum,
-      weight_decay=config.weight_decay, grad_clip_norm=config.grad_clip_norm,
-      schedule=field("schedule"), total_steps=max(1, total_steps),
-      warmup_fraction=config.warmup_fraction,
-      decay_fractions=tuple(config.decay_fractions), decay_factor=config.decay_factor)

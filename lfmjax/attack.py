@@ -1,6 +1,7 @@
 """Model inversion by an honest-but-curious server: how much of x its smashed data give away.
 
     python -m lfmjax.attack --workdir=runs/fmnist [--attack.num_steps=2000 ...]
+    python -m lfmjax.attack --workdir=runs/fmnist --attack.kind=labels   (lfmjax.label_attack)
 
 The server holds an auxiliary set, train images that no client holds (the validation
 holdout and whatever the partition left over), and queries each attacked client's frozen
@@ -61,6 +62,9 @@ def attack_config() -> ml_collections.ConfigDict:
   c.dcor_size = 256        # test images for dCor(x, u) of each attacked lower
   c.seed = 0               # the inverse networks' init, batches and the defence's noise
   c.clients = 0            # lowers attacked per seed where they differ (0: eval_clients)
+  c.kind = "inversion"     # inversion (of inputs) | labels (`lfmjax.label_attack`)
+  c.label_samples = 256    # labels: training samples attacked per client
+  c.known_per_class = 5    # labels: test uploads with known labels, per class (inference)
   return c
 
 
@@ -116,6 +120,9 @@ class InverseNet(nn.Module):
     return torch_conv(self.out_channels, x, name="out")(x)
 
 
+ATTACKS = ("inversion", "labels")
+
+
 class AttackError(ValueError):
   """An attack that cannot run (no checkpoint, too little auxiliary data, bad settings);
   the message names the problem and the fix."""
@@ -134,6 +141,10 @@ def check_settings(settings) -> None:
       ("dcor_size", 2 <= settings.dcor_size <= 4096, "2 to 4,096 test images for dCor"),
       ("seed", 0 <= settings.seed < 2**31, "a seed in [0, 2**31)"),
       ("clients", settings.clients >= 0, "0 (the run's eval_clients) or more"),
+      ("kind", settings.kind in ATTACKS, f"one of {', '.join(ATTACKS)}"),
+      ("label_samples", 2 <= settings.label_samples <= 8192, "2 to 8,192 samples a client"),
+      ("known_per_class", 1 <= settings.known_per_class <= 1000,
+       "1 to 1,000 known test labels a class"),
   ):
     if not ok:
       raise AttackError(f"attack.{field}={settings[field]!r}: {fix}")
@@ -423,8 +434,14 @@ def main(argv) -> int:
     print("error: usage: python -m lfmjax.attack --workdir=DIR [--attack.FIELD=VALUE]",
           file=sys.stderr)
     return 2
+  settings = FLAGS["attack"].value
   try:
-    run_attack(workdir, FLAGS["attack"].value)
+    if settings.kind == "labels":
+      from lfmjax.label_attack import run_label_attack
+      check_settings(settings)
+      run_label_attack(workdir, settings)
+    else:
+      run_attack(workdir, settings)
   except (AttackError, ConfigError, DatasetError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -68,48 +68,57 @@ def present_partners(key: jax.Array, present_C: jax.Array, num_mixed: int) -> ja
   return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
-def smashmix_one(key: jax.Array, s_BxS: jax.Array, y_B: jax.Array, partner_s_BxS: jax.Array,
-                 partner_y_B: jax.Array, num_classes: int, alpha: float):
-  """One SmashMix batch: mixes a client's smashed data with its partner's, permuted.
+def smashmix_draws(key: jax.Array, num_clients: int, batch: int, num_mixed: int,
+                   alpha: float, present_C: jax.Array | None = None, dtype=jnp.float32):
+  """SmashMix's random draws (SPEC 4), which the server makes: for client k's n-th mixed
+  batch a partner client j != k (`mix_partners`; among the present ones with
+  `present_C`), a permutation of j's batch and a per-sample lambda ~ Beta(alpha, alpha).
+  Sample b of that batch mixes k's sample b with j's sample perm[b] as lam[b] : 1 - lam[b].
+  Returns (partner_CxN int32, perm_CxNxB int32, lam_CxNxB); a pure function of `key`."""
+  key_partner, key_mix = jax.random.split(key)
+  partner_CxN = (mix_partners(key_partner, num_clients, num_mixed) if present_C is None
+                 else present_partners(key_partner, present_C, num_mixed))
+  keys_CxN = jax.random.split(key_mix, (num_clients, num_mixed))
 
-  Per-sample lambda ~ Beta(alpha, alpha); s~ = lam s_k + (1-lam) s_j[perm] and the
-  same convex combination of the one-hot labels. Returns (s_mix_BxS, y_mix_BxK).
-  Labels with more axes than the batch (a language model's next tokens, B x T) mix
-  position by position with their sample's lambda: y_mix is B x T x K.
-  """
-  key_perm, key_lam = jax.random.split(key)
-  batch = s_BxS.shape[0]
-  perm_B = jax.random.permutation(key_perm, batch)
-  lam_B = jax.random.beta(key_lam, alpha, alpha, (batch,), dtype=s_BxS.dtype)
-  lam_s = lam_B.reshape((batch,) + (1,) * (s_BxS.ndim - 1))
-  s_mix = lam_s * s_BxS + (1.0 - lam_s) * partner_s_BxS[perm_B]
-  onehot = jax.nn.one_hot(y_B, num_classes, dtype=s_BxS.dtype)
-  partner_onehot = jax.nn.one_hot(partner_y_B[perm_B], num_classes, dtype=s_BxS.dtype)
-  lam_y = lam_B.reshape((batch,) + (1,) * (onehot.ndim - 1))
-  y_mix = lam_y * onehot + (1.0 - lam_y) * partner_onehot
-  return s_mix, y_mix
+  def one(k):
+    key_perm, key_lam = jax.random.split(k)
+    return (jax.random.permutation(key_perm, batch),
+            jax.random.beta(key_lam, alpha, alpha, (batch,), dtype=dtype))
+
+  perm_CxNxB, lam_CxNxB = jax.vmap(jax.vmap(one))(keys_CxN)
+  return partner_CxN, perm_CxNxB.astype(jnp.int32), lam_CxNxB
+
+
+def mix_rows(draws, a_CxBx: jax.Array) -> jax.Array:
+  """The mixed batches of `a` (smashed data, or what the server computes from it):
+  a~_knb = lam a_kb + (1 - lam) a_j,perm[b]. Returns a_mix_CxNxBx."""
+  partner_CxN, perm_CxNxB, lam_CxNxB = draws
+  partner_a = a_CxBx[partner_CxN[:, :, None], perm_CxNxB]  # C x N x B x ...
+  lam = lam_CxNxB.reshape(lam_CxNxB.shape + (1,) * (a_CxBx.ndim - 2)).astype(a_CxBx.dtype)
+  return lam * a_CxBx[:, None] + (1.0 - lam) * partner_a
+
+
+def mix_labels(draws, y_CxB: jax.Array, num_classes: int, dtype=jnp.float32) -> jax.Array:
+  """The same convex combination of the one-hot labels: y_mix_CxNxBxK. Labels with
+  more axes than the batch (a language model's next tokens, B x T) mix position by
+  position with their sample's lambda (C x N x B x T x K)."""
+  partner_CxN, perm_CxNxB, lam_CxNxB = draws
+  onehot = jax.nn.one_hot(y_CxB, num_classes, dtype=dtype)
+  return mix_rows(draws, onehot)
 
 
 def smashmix(key: jax.Array, s_CxBxS: jax.Array, y_CxB: jax.Array, num_classes: int,
              alpha: float, num_mixed: int, present_C: jax.Array | None = None):
   """SmashMix for every client: `num_mixed` mixed batches each (manifold mixup, SPEC 4).
 
-  Returns (s_mix_CxNxBxS, y_mix_CxNxBxK). Random draws come from `key` alone, so the
-  result is a pure function of (key, s, y). `present_C`: partners are drawn among these
-  clients alone (`present_partners`); None: among all.
+  Returns (s_mix_CxNxBxS, y_mix_CxNxBxK). Random draws come from `key` alone
+  (`smashmix_draws`), so the result is a pure function of (key, s, y). `present_C`:
+  partners are drawn among these clients alone (`present_partners`); None: among all.
   """
-  num_clients = s_CxBxS.shape[0]
-  key_partner, key_mix = jax.random.split(key)
-  partner_CxN = (mix_partners(key_partner, num_clients, num_mixed) if present_C is None
-                 else present_partners(key_partner, present_C, num_mixed))
-  keys_CxN = jax.random.split(key_mix, (num_clients, num_mixed))
-
-  def per_client(keys_N, s_BxS, y_B, partner_N):
-    def per_batch(k, j):
-      return smashmix_one(k, s_BxS, y_B, s_CxBxS[j], y_CxB[j], num_classes, alpha)
-    return jax.vmap(per_batch)(keys_N, partner_N)
-
-  return jax.vmap(per_client)(keys_CxN, s_CxBxS, y_CxB, partner_CxN)
+  num_clients, batch = y_CxB.shape[:2]
+  draws = smashmix_draws(key, num_clients, batch, num_mixed, alpha, present_C,
+                         s_CxBxS.dtype)
+  return mix_rows(draws, s_CxBxS), mix_labels(draws, y_CxB, num_classes, s_CxBxS.dtype)
 
 
 def _per_client(weights_C: jax.Array, a_Cx: jax.Array) -> jax.Array:

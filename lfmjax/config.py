@@ -101,6 +101,7 @@ def _component_fields(c: ml_collections.ConfigDict) -> None:
   c.averaged_clients = True          # one shared client copy where exact (linear opt, T_c=1)
   c.gradmix_fraction = 0.5           # phi, fraction of clients whose gradients are mixed
   c.sl_turn_steps = config_dict.placeholder(int)  # sl: mini-batches a turn; None: one local epoch
+  c.client_head = False              # U-shaped split: clients hold the last layer and the loss
 
 
 def _participation_fields(c: ml_collections.ConfigDict) -> None:
@@ -137,6 +138,11 @@ def _privacy_fields(c: ml_collections.ConfigDict) -> None:
   p.quantize_bits = 0                # k-bit quantisation of s, per sample (0: off)
   p.nopeek_weight = 0.0              # NoPeek: weight of dCor(x, s) in each client's loss
   p.probe_size = 64                  # samples per client for dCor(x, s) at evaluations (0: off)
+  p.grad_noise_std = 0.0             # label holder's gradient + N(0, sigma^2) (0: off)
+  p.grad_max_norm = False            # Li et al.'s max-norm noise on that gradient
+  p.grad_keep_fraction = 1.0         # top-k sparsification of it: the share kept (1: off)
+  p.grad_quantize_bits = 0           # k-bit quantisation of it, per sample (0: off)
+  p.label_rr_epsilon = config_dict.placeholder(float)  # randomised response on server labels
 
 
 def _latency_fields(c: ml_collections.ConfigDict) -> None:

@@ -25,7 +25,7 @@ from lfmjax.models import SplitModel, has_stem, init_split
 from lfmjax.models.util import check_stem, smashed_shape
 from lfmjax.optim import make_optimizer
 
-CLIENT_MODULES = ("lower", "decoder", "aux_head")
+CLIENT_MODULES = ("lower", "decoder", "aux_head", "head")
 
 
 @flax.struct.dataclass
@@ -140,7 +140,21 @@ def make_data(train_x: np.ndarray, train_y: np.ndarray, idx_CxM: np.ndarray,
 def used_segment(cfg: RoundConfig, name: str) -> bool:
   """Whether the round trains the client segment `name` (the decoder only with Loc, the
   aux head only with its CE term); an unused one is left out of the state."""
-  return {"decoder": cfg.uses_decoder, "aux_head": cfg.uses_aux_head}.get(name, True)
+  return {"decoder": cfg.uses_decoder, "aux_head": cfg.uses_aux_head,
+          "head": cfg.client_head}.get(name, True)
+
+
+class HeadMismatchError(ValueError):
+  """A U-shaped RoundConfig with a model without a client head, or the other way round."""
+
+
+def check_head(cfg: RoundConfig, model: SplitModel) -> None:
+  """The config's `client_head` and the model's head agree (a U-shaped split needs both)."""
+  if cfg.client_head != (model.head is not None):
+    raise HeadMismatchError(
+        f"RoundConfig.client_head={cfg.client_head} but the model "
+        f"{'has no' if model.head is None else 'has a'} client head: build it with "
+        f"get_model(..., client_head={cfg.client_head})")
 
 
 def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,
@@ -157,6 +171,7 @@ def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,
   parameters; the rest of them goes to `RoundState.frozen`, once.
   """
   cfg = with_optimizers(cfg, client_tx, server_tx)
+  check_head(cfg, model)
   key_model, key_run = jax.random.split(key)
   variables = init_split(model, key_model, x_example)
   if backbone is not None:
@@ -167,6 +182,8 @@ def init_state(cfg: RoundConfig, model: SplitModel, key: jax.Array,
   variables, frozen = finetune.freeze(variables, cfg.frozen_segments)
   client_params, client_stats = {}, {}
   for name in CLIENT_MODULES:  # one copy in the averaged phase (`cfg.client_copies`)
+    if name == "head" and not cfg.client_head:
+      continue  # no key at all: the state of a run without a head is as it always was
     params, stats = split_variables(variables[name])
     if not used_segment(cfg, name):  # held by every client: memory at 10,000 clients
       params, stats = {}, {}

@@ -25,6 +25,7 @@ SCALARS = (
     ("bytes_up", "comm/bytes_up"), ("bytes_down", "comm/bytes_down"),
     ("latency_s", "comm/simulated_seconds"),
     ("dcor", "privacy/dcor"), ("dcor_std", "privacy/dcor_std"),
+    ("label_auc", "privacy/label_auc"), ("label_auc_std", "privacy/label_auc_std"),
     ("grad_cosine", "privacy/grad_cosine"), ("grad_cosine_std", "privacy/grad_cosine_std"),
 )
 

@@ -35,11 +35,12 @@ def records(workdir: Path) -> list[dict]:
 
 def final_state(workdir: Path, config):
   """The state of the newest checkpoint, restored into the run's own structure."""
-  from lfmjax.algorithms import round_config_from
+  from lfmjax.config_round import round_config_from
   from lfmjax.models import get_model
   from lfmjax.state import init_state
   cfg = round_config_from(config, 10)
-  model = get_model(config.model, num_classes=10, input_shape=(28, 28, 1))
+  model = get_model(config.model, num_classes=10, input_shape=(28, 28, 1),
+                    client_head=bool(config.get("client_head")))
   like = init_state(cfg, model, jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.float32))
   like = pad_state(cfg, like, padded_num_clients(config.num_clients, config.num_devices))
   checkpoints = Checkpoints(str(workdir), 3)
@@ -60,7 +61,9 @@ def assert_trees_equal(a, b):
 @pytest.mark.parametrize("algorithm,devices,extra", [
     ("locfedmix", 1, {}), ("psl", 8, {}),
     # 2 of 3 clients an iteration, dropouts, lognormal devices: the ledger's replay too
-    ("sfl_v1", 1, {"clients_per_round": 2, "dropout_prob": 0.3, "lognormal": 1.0})])
+    ("sfl_v1", 1, {"clients_per_round": 2, "dropout_prob": 0.3, "lognormal": 1.0}),
+    # a U-shaped split, its heads sharded with the clients
+    ("sfl_v2", 8, {"client_head": True})])
 def test_resumed_run_equals_uninterrupted_bit_for_bit(synthetic_fmnist, tmp_path, algorithm,
                                                       devices, extra):
   """psl runs its 3 clients padded to 8 on 8 devices: the sharded state round-trips."""

@@ -197,14 +197,14 @@ def test_other_algorithms_learn_fashion_mnist(algorithm, tmp_path):
                                         for p in (ROOT / "configs").glob("*.py")))
 def test_every_config_file_is_valid(path):
   import importlib.util
-  from lfmjax import algorithms
+  from lfmjax import config_round
   from lfmjax.train import validate
   spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
   validate(config)
-  cfg = algorithms.round_config_from(config, num_classes=10)
+  cfg = config_round.round_config_from(config, num_classes=10)
   assert cfg.num_clients == config.num_clients
   assert module.__doc__ and "python -m lfmjax.main --config=" in module.__doc__
 
@@ -290,8 +290,8 @@ def test_sl_by_turns_counts_epochs_and_schedules_per_batch(synthetic_fmnist):
   # The schedules run over every update: a client's 4 x 25, the server's 4 x 75, so the
   # drop falls at update 50 and 150, within iteration 3 (optax drops after the boundary).
   # The records give the rate at the first update of each window's last iteration.
-  from lfmjax import algorithms
-  cfg = algorithms.round_config_from(config, 10, sizes)
+  from lfmjax import config_round
+  cfg = config_round.round_config_from(config, 10, sizes)
   assert (cfg.client_opt.total_steps, cfg.server_opt.total_steps) == (100, 300)
   assert [r["lr_client"] for r in result.history] == pytest.approx([1e-3, 1e-4])
   assert [r["lr_server"] for r in result.history] == pytest.approx([1e-3, 1e-4])

@@ -18,7 +18,8 @@ from jax.sharding import PartitionSpec as P
 from test_checkpoint import TIMINGS, tiny_config
 from test_cli import ROOT, synthetic_fmnist  # noqa: F401  (fixture)
 
-from lfmjax.algorithms import ALGORITHMS, round_config_from
+from lfmjax.algorithms import ALGORITHMS
+from lfmjax.config_round import round_config_from
 from lfmjax.config import base_config
 from lfmjax.data import client_table
 from lfmjax.mesh import (CLIENTS, jit_sharded, make_mesh, make_placement, pad_data,
@@ -139,7 +140,9 @@ def test_one_executable_and_the_state_stays_sharded(algorithm):
   step, state8, data8, placement = sharded_step(cfg, model, state, data, make_mesh(8))
   for _ in range(3):
     state8, metrics = step(state8, data8)
-  assert step._cache_size() == 1  # one compiled program, reused
+  # One compiled program, reused: a second signature would be a second entry. (0 where
+  # jit's C++ fast path is not taken: seen once in the full suite on one worker.)
+  assert step._cache_size() <= 1
   hlo = step.lower(state8, data8).compile().as_text()
   assert "num_partitions=8" in hlo  # one SPMD program over the mesh, not one per device
   assert "all-reduce" in hlo  # the compiler placed the cross-client reductions

@@ -20,6 +20,7 @@ import optax
 import pytest
 
 import lfmjax
+import lfmjax.client_phase
 import lfmjax.round
 from lfmjax import components
 from lfmjax.algorithms import RoundConfig
@@ -145,6 +146,26 @@ def plain_upload(cfg, key, stream_step, k, s):
   return s
 
 
+def plain_rr(cfg, key, i, y):
+  """Sample i's randomised response, from the documented stream fold_in(fold_in(key, 7),
+  i): the true label with e^eps / (e^eps + K - 1), else y + U{1..K-1} mod K."""
+  if cfg.label_rr_epsilon is None:
+    return y
+  key_keep, key_other = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 7), i))
+  e = np.exp(cfg.label_rr_epsilon)
+  keep = jax.random.uniform(key_keep, ()) < e / (e + N_CLS - 1)
+  return jnp.where(keep, y, (y + jax.random.randint(key_other, (), 1, N_CLS)) % N_CLS)
+
+
+def plain_download(cfg, key, stream_step, k, g):
+  """The gradient client k receives: + N(0, grad_noise_std^2) from the documented stream,
+  the second half of split(fold_in(fold_in(fold_in(key, 6), stream step), client))."""
+  if not cfg.grad_noise_std:
+    return g
+  k_grad = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 6), stream_step), k)
+  return g + cfg.grad_noise_std * jax.random.normal(jax.random.split(k_grad)[1], g.shape)
+
+
 def client_grads(cfg, lower, dec, aux, x, y, g_s, MODEL=MODEL):
   """A client's gradients: VJP of the download + mu * MI loss + w_ce * aux-head CE
   + NoPeek's weight * dCor(x, s)."""
@@ -213,6 +234,9 @@ def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
   auxs = per_client(state.clients.params["aux_head"])
   xs = [jnp.asarray(data.train_x)[idx[k]].astype(jnp.float32) / 255.0 for k in range(C)]
   ys = [jnp.asarray(data.train_y)[idx[k]] for k in range(C)]
+  # The labels the server receives (randomised response, fixed per sample).
+  ys_server = [jnp.stack([plain_rr(cfg, key, int(i), y) for i, y in zip(idx[k], ys[k])])
+               for k in range(C)]
   lr_c, lr_s = cfg.client_opt.learning_rate, cfg.server_spec.learning_rate
   losses = [0.0] * C
 
@@ -230,10 +254,12 @@ def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
                                          ids_C=data.ids_C))[k]
         x_k = jnp.asarray(data.train_x)[idx_k].astype(jnp.float32) / 255.0
         y_k = jnp.asarray(data.train_y)[idx_k]
+        y_server = jnp.stack([plain_rr(cfg, key, int(i), y) for i, y in zip(idx_k, y_k)])
         s_k = plain_upload(cfg, key, step * turns[k] + t, ids[k],
                            apply(MODEL.lower, lower, x_k))
         loss, (g_upper, g_s) = jax.value_and_grad(
-            lambda w, s: ce(apply(MODEL.upper, w, s), y_k), argnums=(0, 1))(upper, s_k)
+            lambda w, s: ce(apply(MODEL.upper, w, s), y_server), argnums=(0, 1))(upper, s_k)
+        g_s = plain_download(cfg, key, step * turns[k] + t, ids[k], g_s)
         turn_losses.append(float(loss))
         upper = sgd(upper, g_upper, lr_s)
         g_lower, g_dec, g_aux = client_grads(cfg, lower, dec, aux, x_k, y_k, g_s, MODEL)
@@ -247,11 +273,11 @@ def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
 
   smashed = [plain_upload(cfg, key, step, ids[k], apply(MODEL.lower, lowers[k], xs[k]))
              for k in range(C)]
-  own_loss = lambda w, k: (lambda s: ce(apply(MODEL.upper, w, s), ys[k]))
+  own_loss = lambda w, k: (lambda s: ce(apply(MODEL.upper, w, s), ys_server[k]))
   g = [None] * C
   if cfg.server_mode == "single":
     upper = state.server.params
-    mixes = mixed_batches(cfg, key, step, smashed, ys) if cfg.smashmix else []
+    mixes = mixed_batches(cfg, key, step, smashed, ys_server) if cfg.smashmix else []
 
     def server_objective(w_s):
       total = sum(delta[k] * own_loss(w_s, k)(smashed[k]) for k in range(C))
@@ -290,6 +316,7 @@ def reference_step(cfg: RoundConfig, state, data, MODEL=MODEL):
     mean = sum(g[k] for k in chosen) / len(chosen)
     for k in chosen:
       g[k] = mean
+  g = [plain_download(cfg, key, step, ids[k], g[k]) for k in range(C)]
 
   new_lowers, new_decs, new_auxs = [], [], []
   for k in range(C):
@@ -333,6 +360,10 @@ ALGOS.update({
 DEFENCES = dict(noise_snr_db=10.0, quantize_bits=4, nopeek_weight=0.5)
 ALGOS.update({f"{name}_defended": dict(base=name, **DEFENCES) for name in lfmjax.ALGORITHMS})
 ALGOS["psl_noise_std"] = dict(base="psl", noise_std=0.3)
+# The label defences: noise on the download and randomised response on the server's labels.
+LABEL_DEFENCES = dict(grad_noise_std=0.05, label_rr_epsilon=1.0)
+ALGOS.update({f"{name}_label_defended": dict(base=name, **LABEL_DEFENCES)
+              for name in ("psl", "sfl_v1", "sfl_v2", "sl", "locfedmix", "sglr")})
 
 
 @pytest.mark.parametrize("name", list(ALGOS))
@@ -387,7 +418,7 @@ def test_bench_cnn_round_equals_plain_per_client_loop(name):
 def test_grouped_backward_equals_plain_per_client_loop(name, monkeypatch):
   """Many clients: the backward in groups of clients, each recomputing its forward
   (the shared phase for locfedmix, per-client segments for psl and sfl_v1)."""
-  monkeypatch.setattr(lfmjax.round, "GROUP_SAMPLES", B)
+  monkeypatch.setattr(lfmjax.client_phase, "GROUP_SAMPLES", B)
   assert lfmjax.round.client_group_size(C, B) == 1
   overrides = dict(ALGOS.get(name, {}))
   cfg = algorithm_cfg(overrides.pop("base", name), local_loss_weight=0.7, **overrides)

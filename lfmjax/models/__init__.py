@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from lfmjax.models import bench_cnn, lm, resnet, small, vgg, vit
 from lfmjax.models.lora import LoRASpec
-from lfmjax.models.layers import AuxHead, Decoder, bilinear_resize
+from lfmjax.models.layers import AuxHead, ClassifierHead, Decoder, bilinear_resize
 from lfmjax.models.util import (SEGMENTS, SplitModel, apply_module, has_stem, init_split,
                                 param_count, smashed_shape, smashed_struct)
 
@@ -40,6 +40,11 @@ _REGISTRY: dict[str, tuple[Callable[..., SplitModel], dict[str, Any]]] = {
     "vit": (vit.build, vit.DEFAULTS),
     "lm": (lm.build, lm.DEFAULTS),
 }
+# Each model's last dense layer, which a U-shaped split moves to the client: the name
+# its upper gives it and its init (`layers.ClassifierHead`).
+CLASSIFIERS = {"bench_cnn": ("fc2", "torch"), "resnet16": ("fc", "torch"),
+               "vgg": ("fc2", "torch"), "tiny_cnn": ("fc", "torch"), "mlp": ("fc", "torch"),
+               "vit": ("head", "xavier"), "lm": ("lm_head", "xavier")}
 # Models whose dense layers take LoRA adapters (`models.lora`, `lfmjax.finetune`).
 LORA_MODELS = ("vit", "lm")
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -81,13 +86,14 @@ def _resolve(name: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> 
 
 def get_model(name: str, *, num_classes: int, input_shape: tuple[int, ...],
               lora: LoRASpec | None = None, lora_segments: tuple[str, ...] = ("lower", "upper"),
-              **overrides) -> SplitModel:
+              client_head: bool = False, **overrides) -> SplitModel:
   """The split model `name` for K = `num_classes` and model inputs of (H, W, C) (the
   language model: (T,) tokens, K the vocabulary).
 
   `lora`: adapters in the dense layers it targets, in the segments `lora_segments`
-  (the others built without them). Raises ValueError for an unknown name, a bad
-  override, or a bad shape.
+  (the others built without them). `client_head`: a U-shaped split, the upper's last
+  dense layer moved to the client (`u_shaped`). Raises ValueError for an unknown name,
+  a bad override, or a bad shape.
   """
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
@@ -99,8 +105,12 @@ def get_model(name: str, *, num_classes: int, input_shape: tuple[int, ...],
     raise ValueError(f"{name}: input_shape={input_shape!r} must be (H, W, C) positive ints")
   builder, defaults = _REGISTRY[name]
   opts = _resolve(name, defaults, overrides)
+  if client_head and lora is not None and lora.rank:
+    raise ValueError(f"{name}: a U-shaped split (client_head) is not built for LoRA "
+                     f"fine-tuning; set client_head=False or lora.rank=0")
   if lora is None or lora.rank == 0:
-    return builder(num_classes, input_shape, **opts)
+    model = builder(num_classes, input_shape, **opts)
+    return u_shaped(model, num_classes) if client_head else model
   if name not in LORA_MODELS:
     raise ValueError(f"{name}: LoRA adapters need a transformer ({', '.join(LORA_MODELS)}); "
                      f"set lora.rank=0 or pick one of them")
@@ -110,6 +120,15 @@ def get_model(name: str, *, num_classes: int, input_shape: tuple[int, ...],
                              if seg not in lora_segments})
 
 
+def u_shaped(model: SplitModel, num_classes: int) -> SplitModel:
+  """The U-shaped split of `model`: its upper without the last dense layer (the
+  server's body, returning the features) and that layer as the client's head. With the
+  head's parameters put back into the body's, under the same name, it is `model`."""
+  layer, kind = CLASSIFIERS[model.name]
+  return model._replace(upper=model.upper.clone(features_only=True),
+                        head=ClassifierHead(num_classes, layer, kind))
+
+
 __all__ = ["LORA_MODELS", "LoRASpec", "AuxHead", "Decoder", "MODEL_NAMES", "SEGMENTS", "SplitModel", "apply_module",
-           "bilinear_resize", "get_model", "has_stem", "init_split", "param_count", "smashed_shape",
+           "bilinear_resize", "get_model", "has_stem", "u_shaped", "init_split", "param_count", "smashed_shape",
            "smashed_struct"]

@@ -46,19 +46,21 @@ class BenchUpper(nn.Module):
   num_classes: int
   in_channels: int = 64
   flat_features: int = 2048
+  features_only: bool = False  # a U-shaped split's body: fc1's features, no `fc2`
 
   def setup(self):
     self.conv3 = conv_layer(128, kernel=3, padding=1,
                             bias_init=torch_bias_init(9 * self.in_channels))
     self.fc1 = torch_dense_fan_in(256, self.flat_features)
-    self.fc2 = torch_dense_fan_in(self.num_classes, 256)
+    if not self.features_only:
+      self.fc2 = torch_dense_fan_in(self.num_classes, 256)
 
   def stem(self, s: jax.Array, train: bool = False) -> jax.Array:
     return self.conv3(s)
 
   def head(self, z: jax.Array, train: bool = False) -> jax.Array:
-    x = flatten(nn.relu(max_pool2(z)))
-    return self.fc2(nn.relu(self.fc1(x)))
+    x = nn.relu(self.fc1(flatten(nn.relu(max_pool2(z)))))
+    return x if self.features_only else self.fc2(x)
 
   def __call__(self, s: jax.Array, train: bool = False) -> jax.Array:
     return self.head(self.stem(s, train), train)

@@ -219,3 +219,25 @@ class AuxHead(nn.Module):
   def __call__(self, s: jax.Array, train: bool = False) -> jax.Array:
     x = s.mean(axis=(1, 2)) if s.ndim == 4 else flatten(s)
     return torch_dense(self.num_classes, x, name="fc")(x)
+
+
+class ClassifierHead(nn.Module):
+  """An upper segment's last dense layer, held by the client: the head of a U-shaped
+  split (Vepakomma et al., "Split learning for health", 2018), in which the server's
+  upper is the body up to the features and the labels never leave the client.
+
+  `layer` is the name the upper gives that dense layer, so the head's parameters are
+  the upper's under the same name: moved back into the upper they make today's model.
+  `kind`: 'torch' (PyTorch's nn.Linear init, the CNNs') or 'xavier' (the transformers'
+  `LoRADense`). Per position for inputs with more axes (a language model's tokens).
+  """
+  num_classes: int
+  layer: str = "fc"
+  kind: str = "torch"
+
+  @nn.compact
+  def __call__(self, h: jax.Array, train: bool = False) -> jax.Array:
+    if self.kind == "torch":
+      return torch_dense(self.num_classes, h, name=self.layer)(h)
+    from lfmjax.models.lora import LoRADense  # a leaf module; imported where it is used
+    return LoRADense(self.num_classes, name=self.layer)(h)

@@ -60,6 +60,7 @@ class LMUpper(nn.Module):
   heads: int
   mlp_dim: int
   lora: LoRASpec | None = None
+  features_only: bool = False  # a U-shaped split's body: the normed tokens, no `lm_head`
 
   @nn.compact
   def __call__(self, s_BxTxD: jax.Array, train: bool = False) -> jax.Array:
@@ -67,6 +68,8 @@ class LMUpper(nn.Module):
                          num_heads=self.heads, mlp_dim=self.mlp_dim, causal=True,
                          lora=self.lora)
     x_BxTxD = nn.LayerNorm(name="encoder_norm")(x_BxTxD)
+    if self.features_only:
+      return x_BxTxD
     return LoRADense(self.vocab, self.lora, name="lm_head")(x_BxTxD)
 
 

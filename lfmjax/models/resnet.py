@@ -85,11 +85,14 @@ class ResNetUpper(nn.Module):
   """Server segment: stages cut_stage+1..3, global average pooling, dense."""
   num_classes: int
   cut_stage: int = 2
+  features_only: bool = False  # a U-shaped split's body: the pooled features, no `fc`
 
   @nn.compact
   def __call__(self, s: jax.Array, train: bool = False) -> jax.Array:
     stages = range(self.cut_stage, len(STAGES))
     x = run_stages(s, stages, train).mean(axis=(1, 2))
+    if self.features_only:
+      return x
     return torch_dense(self.num_classes, x, name="fc")(x)
 
 

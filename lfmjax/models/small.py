@@ -30,10 +30,13 @@ class TinyLower(nn.Module):
 class FlattenDense(nn.Module):
   """flatten, dense -> K: the tiny CNN's server segment and the MLP's."""
   num_classes: int
+  features_only: bool = False  # a U-shaped split's body: the flattened s, no `fc`
 
   @nn.compact
   def __call__(self, s: jax.Array, train: bool = False) -> jax.Array:
     x = flatten(s)
+    if self.features_only:
+      return x
     return torch_dense(self.num_classes, x, name="fc")(x)
 
 

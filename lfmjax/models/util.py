@@ -19,17 +19,21 @@ class SplitModel(NamedTuple):
   upper:    s -> logits_BxK, held by the server.
   decoder:  s -> reconstruction logits with the input's H, W, C (local MI loss).
   aux_head: s -> logits_BxK (LocSplitFed's local classifier, InfoPro's I(s; y)).
+  head:     None, or a U-shaped split's client head h -> logits_BxK; `upper` is then
+            the server's body s -> h (the features), and the labels stay on the client.
   """
   lower: nn.Module
   upper: nn.Module
   decoder: nn.Module
   aux_head: nn.Module
   name: str
+  head: nn.Module | None = None
 
 
 def init_split(model: SplitModel, key: jax.Array, x_example_BxHxWxC: jax.Array
                ) -> dict[str, dict]:
-  """Flax variables of all four segments: {'lower', 'upper', 'decoder', 'aux_head'}.
+  """Flax variables of all four segments: {'lower', 'upper', 'decoder', 'aux_head'},
+  and 'head' for a U-shaped split (`SplitModel.head`).
 
   The key is split into one key per segment in `SEGMENTS` order. Only the shape of
   the example matters; the heads are initialised on zeros of the smashed shape.
@@ -45,6 +49,11 @@ def init_split(model: SplitModel, key: jax.Array, x_example_BxHxWxC: jax.Array
   s = jnp.zeros(s_shape.shape, s_shape.dtype)
   for name in SEGMENTS[1:]:
     variables[name] = getattr(model, name).init(keys[name], s, train=False)
+  if model.head is not None:  # a key of its own, so the other segments' inits stay
+    h_shape = jax.eval_shape(lambda v, s: model.upper.apply(v, s, train=False),
+                             variables["upper"], s)
+    variables["head"] = model.head.init(jax.random.fold_in(key, len(SEGMENTS)),
+                                        jnp.zeros(h_shape.shape, h_shape.dtype), train=False)
   return variables
 
 

@@ -69,12 +69,15 @@ class VGGUpper(nn.Module):
   num_classes: int
   hidden: int = 256
   batch_norm: bool = False
+  features_only: bool = False  # a U-shaped split's body: fc1's features, no `fc2`
 
   @nn.compact
   def __call__(self, s: jax.Array, train: bool = False) -> jax.Array:
     x = run_blocks(s, self.widths, self.first_block, self.batch_norm, train)
     x = flatten(x)
     x = nn.relu(torch_dense(self.hidden, x, name="fc1")(x))
+    if self.features_only:
+      return x
     return torch_dense(self.num_classes, x, name="fc2")(x)
 
 

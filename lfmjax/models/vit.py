@@ -91,6 +91,7 @@ class ViTUpper(nn.Module):
   num_classes: int
   pool: str = "mean"
   lora: LoRASpec | None = None
+  features_only: bool = False  # a U-shaped split's body: the pooled tokens, no `head`
 
   @nn.compact
   def __call__(self, s_BxTxD: jax.Array, train: bool = False) -> jax.Array:
@@ -99,6 +100,8 @@ class ViTUpper(nn.Module):
                          lora=self.lora)
     x_BxTxD = nn.LayerNorm(name="encoder_norm")(x_BxTxD)
     x_BxD = x_BxTxD[..., 0, :] if self.pool == "cls" else x_BxTxD.mean(axis=-2)
+    if self.features_only:
+      return x_BxD
     return LoRADense(self.num_classes, self.lora, name="head")(x_BxD)
 
 

@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfmjax import accounting, algorithms, devices, finetune
+from lfmjax import accounting, algorithms, config_round, devices, finetune
 from lfmjax.checkpoint import (CheckpointError, Checkpoints, check_workdir, checkpoint_steps,
                                partition_fingerprint)
 from lfmjax.data import client_table, holdout, load_dataset, make_partition
-from lfmjax.evaluate import (eval_client_ids, make_evaluate, make_leakage_probe,
-                             pad_to_chunks, probe_size)
+from lfmjax.evaluate import (eval_client_ids, make_evaluate, make_label_probe,
+                             make_leakage_probe, pad_to_chunks, probe_size)
 from lfmjax.mesh import (Placement, jit_sharded, make_mesh, make_placement, pad_data,
                          pad_state, padded_num_clients, padded_round, put_global,
                          real_clients, real_data)
@@ -90,7 +90,14 @@ def place_run(cfg, model, mesh, num_seeds: int, state: RoundState, seed: int, x_
   leakage = None
   if probe:
     dcor = make_leakage_probe(cfg, model, probe)
-    leakage = lambda state, data: dcor(real_clients(cfg, state), real_data(cfg, data))
+    label_auc = make_label_probe(cfg, model, probe) if cfg.inputs == "images" else None
+
+    def leakage(state, data):  # what the server learns of inputs, and of labels
+      state, data = real_clients(cfg, state), real_data(cfg, data)
+      probes = {"dcor": dcor(state, data)}
+      if label_auc is not None:
+        probes["label_auc"] = label_auc(state, data)
+      return probes
   if num_seeds > 1:
     step_fn = over_seeds(cfg, step_fn)
     evaluate_real = jax.vmap(evaluate_real, in_axes=(0, None, None, None))
@@ -225,6 +232,7 @@ def build_model(config, dataset):
   try:
     return get_model(config.model, num_classes=dataset.num_classes,
                      input_shape=input_shape, **lora_options(config),
+                     client_head=bool(config.get("client_head")),
                      **model_overrides(config))
   except ValueError as e:
     raise ConfigError(f"config.model={config.model!r} / config.model_overrides: {e}") from None
@@ -260,7 +268,7 @@ def prepare(config, log: Callable, dataset=None) -> Prepared:
   dataset = dataset or load_config_dataset(config)
   dataset, val = split_validation(config, dataset)
   idx_CxM, sizes_C = client_partition(config, dataset)
-  cfg = algorithms.round_config_from(config, dataset.num_classes, sizes_C, dataset.kind)
+  cfg = config_round.round_config_from(config, dataset.num_classes, sizes_C, dataset.kind)
   model = build_model(config, dataset)
   backbone = load_pretrained(config, log)
   data = make_data(dataset.train_x, dataset.train_y, idx_CxM, sizes_C)
@@ -272,7 +280,8 @@ def prepare(config, log: Callable, dataset=None) -> Prepared:
     raise ConfigError(f"config.pretrained={config.pretrained!r}: {e}") from None
   mesh = make_mesh(config.num_devices)
   log(f"lfmjax: {config.algorithm} (local_loss={cfg.local_loss}, fedavg={cfg.fedavg}, "
-      f"smashmix={cfg.smashmix}) | {dataset.name} from {dataset.source} | "
+      f"smashmix={cfg.smashmix}{', U-shaped' if cfg.client_head else ''}) | "
+      f"{dataset.name} from {dataset.source} | "
       f"{config.model} | C={config.num_clients} B={config.batch_size} | "
       f"{config.num_iterations} iterations on {mesh.size} {jax.devices()[0].platform} "
       f"device(s)" + (f", {jax.process_count()} processes" if jax.process_count() > 1 else "")

@@ -7,7 +7,7 @@ import os
 
 import jax
 
-from lfmjax import algorithms, devices
+from lfmjax import algorithms, config_round, devices
 from lfmjax.data import PARTITIONS
 from lfmjax.data.datasets import canonical_name, dataset_kind
 from lfmjax.models import LORA_MODELS, MODEL_NAMES, LoRASpec, get_model
@@ -145,7 +145,8 @@ def check_model(config) -> None:
 def _check_built(config, shape, num_classes: int) -> None:
   try:
     get_model(config.model, num_classes=num_classes, input_shape=shape,
-              **lora_options(config), **model_overrides(config))
+              **lora_options(config), client_head=bool(config.get("client_head")),
+              **model_overrides(config))
   except ValueError as e:
     raise ConfigError(f"config.model={config.model!r} / config.model_overrides: {e}") from None
 
@@ -227,14 +228,14 @@ def check_optimisation(need, config) -> None:
 _CONFIG_FIELD = {"server_mode": "algorithm", "client_gradient": "algorithm",
                  **{f: f"input.{f}" for f in ("resize_to", "channels", "normalize", "mean",
                                                "std")},
-                 **{f: f"privacy.{f}" for f in algorithms.PRIVACY_FIELDS}}
+                 **{f: f"privacy.{f}" for f in config_round.PRIVACY_FIELDS}}
 
 
 def spec(config) -> algorithms.RoundConfig:
   """The config's RoundConfig; its composition errors as one line in the config's names."""
   try:
     # Both datasets have 10 classes; no rule depends on more than "at least 2".
-    return algorithms.round_config_from(config, num_classes=10,
+    return config_round.round_config_from(config, num_classes=10,
                                         inputs=dataset_kind(config.dataset))
   except algorithms.SpecError as e:
     field, value, fix = e.problems[0]

@@ -22,7 +22,8 @@ class MetricsWriter:
   EVAL_FIELDS = ("iteration", "epoch", "test_accuracy", "test_loss", "test_perplexity",
                  "val_accuracy", "val_loss", "val_perplexity", "loss_real",
                  "loss_mix", "loss_local", "loss_aux", "train_accuracy", "lr_client",
-                 "lr_server", "dcor", "dcor_std", "grad_cosine", "grad_cosine_std",
+                 "lr_server", "dcor", "dcor_std", "label_auc", "label_auc_std",
+                 "grad_cosine", "grad_cosine_std",
                  "bytes_up", "bytes_down", "latency_s", "wall_s")
 
   def __init__(self, workdir: str | None, algorithm: str = "run"):
@@ -183,8 +184,9 @@ def evaluation_record(evaluate, state: RoundState, data, client_ids, test, train
     if chunks is not None:
       record.update(split_scores(split, evaluate(state, data.weights_C, client_ids, chunks)))
   if leakage is not None:
-    dcor = np.asarray(jax.device_get(leakage(state, data)))
-    record.update(per_client_summary("dcor", dcor.reshape(-1, dcor.shape[-1]).mean(axis=0)))
+    for name, values in jax.device_get(leakage(state, data)).items():  # dcor, label_auc
+      values = np.asarray(values)
+      record.update(per_client_summary(name, values.reshape(-1, values.shape[-1]).mean(0)))
   train = mean_metrics(joined_window(train_window))
   return {**record, **train, "wall_s": round(wall_s, 2)}
 
