@@ -240,26 +240,41 @@ def listed_runs(base: str, experiment: str) -> list[tuple[dict, str]]:
 # defaults, so those runs keep their workdir names.
 LATER_GROUPS = ("privacy", "devices")
 # Top-level fields added after runs were named: left out of the digest at their defaults.
-LATER_FIELDS = ("clients_per_round", "participant_sampling", "dropout_prob", "deadline_s")
+LATER_FIELDS = ("clients_per_round", "participant_sampling", "dropout_prob", "deadline_s",
+                "client_head", "privacy.grad_noise_std", "privacy.grad_max_norm",
+                "privacy.grad_keep_fraction", "privacy.grad_quantize_bits",
+                "privacy.label_rr_epsilon")
+# Fields issue 35 added (the transformers), which the runs named before it lack: a run
+# is looked up under the digest without them too (`run_dir`), so those runs are found.
+ISSUE35_FIELDS = ("lora", "pretrained", "input.seq_len", "model_overrides.depth",
+                  "model_overrides.heads", "model_overrides.mlp_dim", "model_overrides.patch",
+                  "model_overrides.pool")
 
 
-def config_digest(config) -> str:
-  """What a run computes: the digest of its config without where the data lives."""
+def config_digest(config, legacy: bool = False) -> str:
+  """What a run computes: the digest of its config without where the data lives, nor
+  the fields added later at their defaults (`legacy`: nor issue 35's)."""
   from lfmjax.config import base_config
   fields = json.loads(config.to_json_best_effort(sort_keys=True))
   fields.pop("data_dir", None)
   defaults = json.loads(base_config().to_json_best_effort(sort_keys=True))
-  for name in LATER_GROUPS + LATER_FIELDS:
-    if fields.get(name) == defaults.get(name):
-      fields.pop(name, None)
+  for name in LATER_GROUPS + LATER_FIELDS + (ISSUE35_FIELDS if legacy else ()):
+    group, _, field = name.rpartition(".")
+    node, default = (fields, defaults) if not group else (fields.get(group, {}),
+                                                          defaults.get(group, {}))
+    if node.get(field) == default.get(field):
+      node.pop(field, None)
   return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def run_dir(base: str, config) -> str:
   """A run's workdir is named by its config alone, so every experiment that needs the
   same run finds it: `runs/<algorithm>_C<clients>-<config digest>`."""
-  return os.path.join(base, "runs",
-                      f"{config.algorithm}_C{config.num_clients}-{config_digest(config)}")
+  def named(legacy):
+    return os.path.join(base, "runs", f"{config.algorithm}_C{config.num_clients}-"
+                        f"{config_digest(config, legacy)}")
+  legacy = named(True)
+  return legacy if os.path.isdir(legacy) else named(False)
 
 
 def _take_over(base: str, config, workdir: str, extend_from: int) -> None:

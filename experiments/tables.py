@@ -188,6 +188,33 @@ def privacy(name: str, base: str) -> str:
   return "\n".join(out)
 
 
+def labels(name: str, base: str) -> str:
+  """One row per run: accuracy, what the server learns of the labels (received, or by
+  its attacks on what it receives) and of the inputs (the inversion attack: this run's
+  for the U-shaped ones, issue 17's for the labelled ones)."""
+  def score(r, key, digits=3):
+    return f"{float(r[key]):.{digits}f}" if r.get(key) not in (None, "") else ""
+  out = ["| run | U-shaped | test accuracy (%) | labels received | download: norm AUC "
+         "| direction AUC | clustering | returned: norm AUC | direction AUC | clustering "
+         "| smashed clustering | inference k-NN on s | server's best label acc. "
+         "| majority share | PSNR (dB) | dCor(x, u) | inputs from | retrained (bit-equal) |",
+         "|---" * 18 + "|"]
+  for r in read(name, base):
+    retrained = (f"yes ({r['bit_equal']})" if str(r.get("retrained")) == "True" else "no")
+    cells = [r["variant"], "yes" if str(r["client_head"]) == "True" else "no", accuracy(r),
+             score(r, "labels_received_accuracy"), score(r, "download_norm_auc"),
+             score(r, "download_direction_auc"), score(r, "download_cosine_cluster_accuracy"),
+             score(r, "returned_norm_auc"), score(r, "returned_direction_auc"),
+             score(r, "returned_cosine_cluster_accuracy"), score(r, "smashed_cluster_accuracy"),
+             score(r, "inference_smashed_knn_accuracy"), score(r, "server_label_accuracy"),
+             score(r, "majority_share"),
+             spread(r, "psnr", 2) if r.get("psnr") not in (None, "") else "",
+             spread(r, "dcor", 3) if r.get("dcor") not in (None, "") else "",
+             r.get("inputs_from", ""), retrained]
+    out.append("| " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
 def transformers_vit(name: str, base: str) -> str:
   """Algorithm x split beside the VGG's accuracy in the same setting (issue 16's
   `scalability_cifar_vgg_*` at C = 10), and the inversion attack on the tokens beside
@@ -222,6 +249,8 @@ def table(name: str, base: str = common.RESULTS) -> str:
     return transformers_vit(name, base)
   if kind == "privacy":
     return privacy(name, base)
+  if kind == "labels":
+    return labels(name, base)
   if kind == "runs":  # e.g. runs_scalability_sglr_resnet16
     return runs(name[len("runs_"):], base)
   if kind == "participation":

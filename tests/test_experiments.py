@@ -326,3 +326,44 @@ def test_transformers_lora_quick_mode_pretrains_fine_tunes_and_plots(tmp_path, m
       float(r["test_perplexity"]) for r in rows]
   for stem in ("bytes", "latency"):
     assert (tmp_path / name / f"{name}_{stem}.png").stat().st_size > 1000
+
+
+def test_every_committed_run_is_found_under_its_own_name():
+  """A config names its run's workdir (`common.run_dir`) across the fields added since it
+  was trained (at their defaults), so the experiments re-read committed runs instead of
+  training them again. Runs whose config.json holds fields this lfmjax no longer has
+  (renamed before issue 16) are not looked up by any script."""
+  import glob
+  from lfmjax.attack import AttackError, config_from_json
+  import common
+  found = 0
+  for path in sorted(glob.glob(os.path.join(EXPERIMENTS, "results", "runs", "*",
+                                            "config.json"))):
+    try:
+      config = config_from_json(path)
+    except AttackError:
+      continue
+    base = os.path.dirname(os.path.dirname(os.path.dirname(path)))
+    assert common.run_dir(base, config) == os.path.dirname(path)
+    found += 1
+  assert found >= 150
+
+
+@needs_fmnist
+def test_labels_quick_mode_trains_attacks_and_resumes(tmp_path):
+  """Issue 36's experiment on a subset: U-shaped PSL, its labels and its inputs attacked;
+  a second invocation re-reads the run and both reports."""
+  labels = script("labels")
+  args = ["--quick", "--model", "tiny_cnn", "--seeds", "1", "--iterations", "2",
+          "--out", str(tmp_path), "--data_dir", str(fmnist_dir()), "--devices", "1",
+          "--setting", "sglr_resnet16", "--variants", "psl_u"]
+  (u,) = labels.main(args)
+  assert u["variant"] == "psl_u" and str(u["client_head"]) == "True"
+  assert u["labels_received_accuracy"] == "" and u["returned_direction_auc"] > 0.5
+  assert u["inputs_from"] == "this run" and u["psnr"] > 0
+  assert u["server_label_accuracy"] >= u["returned_cosine_cluster_accuracy"]
+  (again,) = labels.main(args)
+  assert again["label_attack_s"] == u["label_attack_s"] and again["psnr"] == u["psnr"]
+  name = "labels_sglr_resnet16_quick"
+  for png in ("accuracy", "inputs"):
+    assert (tmp_path / name / f"{name}_{png}.png").stat().st_size > 0

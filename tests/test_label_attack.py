@@ -58,16 +58,18 @@ def runs(tmp_path_factory):
   for name, fields in (("psl", {}), ("u", {"client_head": True}),
                        ("u_noised", {"client_head": True})):
     config = tiny_config(data, algorithm="psl", num_iterations=4, eval_clients=2, **fields)
+    config.privacy.probe_size = 16
     if name == "u_noised":
       config.privacy.grad_noise_std = 10.0
     out[name] = str(tmp_path_factory.mktemp("runs") / name)
-    train(config, out[name], quiet=True)
+    out[f"{name}_result"] = (config, train(config, out[name], quiet=True))
   return out
 
 
 def settings(**fields):
   s = attack.attack_config()
-  s.update(kind="labels", label_samples=64, known_per_class=2, num_test=100, **fields)
+  s.update({"kind": "labels", "label_samples": 64, "known_per_class": 2, "num_test": 100,
+            **fields})
   return s
 
 
@@ -103,9 +105,43 @@ def test_label_attack_cli_prints_scores_and_baselines(runs):
                           cwd=ROOT, timeout=300)
   assert result.returncode == 0, result.stderr
   assert "returned_direction_auc" in result.stdout and "(baseline 0.5)" in result.stdout
-  bad = subprocess.run([sys.executable, "-m", "lfmjax.attack", f"--workdir={runs['u']}",
-                        "--attack.kind=label"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120)
-  assert bad.returncode == 2
-  assert bad.stderr.strip().splitlines() == [
-      "error: attack.kind='label': one of inversion, labels"]
+
+
+def test_an_unknown_attack_kind_is_refused_naming_the_kinds():
+  with pytest.raises(attack.AttackError, match="attack.kind='label': one of inversion, labels"):
+    attack.check_settings(settings(kind="label"))
+
+@pytest.mark.parametrize("run", ["psl", "u"])
+def test_a_run_records_the_label_probe_as_the_norm_attack_on_its_gradient(runs, run):
+  """The probe in the run's records is the norm attack's AUC on the gradient computed
+  here from the trained state: the download dL/ds from the server's labels, or the
+  U-shaped client's returned dL/dh."""
+  import jax
+  import jax.numpy as jnp
+  from lfmjax import label_privacy as lp
+  from lfmjax.models import apply_module, get_model
+  from lfmjax.run.loop import prepare
+  config, result = runs[f"{run}_result"]
+  client_head = run == "u"
+  record = result.history[-1]
+  assert len(record["label_auc_clients"]) == 3 and 0.5 <= record["label_auc"] <= 1.0
+  with open(os.path.join(runs[run], "eval.csv")) as f:
+    assert {"label_auc", "label_auc_std"} <= set(f.readline().strip().split(","))
+  model = get_model("tiny_cnn", num_classes=10, input_shape=(28, 28, 1),
+                    client_head=client_head)
+  state, data = jax.device_get(result.state), prepare(config, lambda *a: None).run.data
+  idx = np.asarray(data.idx_CxM)[1, :16]
+  x = jnp.asarray(np.asarray(data.train_x)[idx], jnp.float32) / 255.0
+  y = jnp.asarray(np.asarray(data.train_y)[idx])
+  part = lambda name: {"params": jax.tree.map(lambda a: a[1], state.clients.params[name]),
+                       **jax.tree.map(lambda a: a[1], state.clients.stats[name])}
+  upper = {"params": state.server.params, **state.server.stats}
+  s, _ = apply_module(model.lower, part("lower"), x, train=False)
+  ce = lambda logits: -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(16), y])
+  if client_head:
+    h, _ = apply_module(model.upper, upper, s, train=False)
+    leak = jax.grad(lambda h: ce(apply_module(model.head, part("head"), h, train=False)[0]))(h)
+  else:
+    leak = jax.grad(lambda s: ce(apply_module(model.upper, upper, s, train=False)[0]))(s)
+  np.testing.assert_allclose(record["label_auc_clients"][1],
+                             lp.label_leak_auc(leak, y, 10), atol=1e-6)

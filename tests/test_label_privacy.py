@@ -11,7 +11,6 @@ import pytest
 
 from lfmjax import label_privacy as lp
 from lfmjax.algorithms import SpecError
-from test_cli import synthetic_fmnist, tiny_config  # noqa: F401 (a fixture)
 
 from test_round import algorithm_cfg
 
@@ -135,40 +134,3 @@ def test_label_defences_refused_where_they_cannot_act():
   with pytest.raises(SpecError, match="grad_keep_fraction=0.0"):
     algorithm_cfg("psl", grad_keep_fraction=0.0)
 
-
-@pytest.mark.parametrize("client_head", [False, True])
-def test_a_run_records_the_label_probe_as_the_norm_attack_on_its_gradient(
-    synthetic_fmnist, tmp_path, client_head):
-  """The probe in the run's records is the norm attack's AUC on the gradient computed
-  here from the trained state: the download dL/ds from the server's labels, or the
-  U-shaped client's returned dL/dh."""
-  from lfmjax.models import apply_module, get_model
-  from lfmjax.train import train
-  config = tiny_config(synthetic_fmnist, algorithm="psl", num_iterations=4,
-                       client_head=client_head)
-  config.privacy.probe_size = 16
-  result = train(config, str(tmp_path), quiet=True)
-  record = result.history[-1]
-  assert len(record["label_auc_clients"]) == 3 and 0.5 <= record["label_auc"] <= 1.0
-  with open(tmp_path / "eval.csv") as f:
-    assert {"label_auc", "label_auc_std"} <= set(f.readline().strip().split(","))
-  model = get_model("tiny_cnn", num_classes=10, input_shape=(28, 28, 1),
-                    client_head=client_head)
-  from lfmjax.run.loop import prepare
-  state, data = jax.device_get(result.state), prepare(config, lambda *a: None).run.data
-  idx = np.asarray(data.idx_CxM)[1, :16]
-  x = jnp.asarray(np.asarray(data.train_x)[idx], jnp.float32) / 255.0
-  y = jnp.asarray(np.asarray(data.train_y)[idx])
-  part = lambda name: {"params": jax.tree.map(lambda a: a[1], state.clients.params[name]),
-                       **jax.tree.map(lambda a: a[1], state.clients.stats[name])}
-  upper = {"params": state.server.params, **state.server.stats}
-  s, _ = apply_module(model.lower, part("lower"), x, train=False)
-  if client_head:
-    h, _ = apply_module(model.upper, upper, s, train=False)
-    logits = lambda h: apply_module(model.head, part("head"), h, train=False)[0]
-    leak = jax.grad(lambda h: -jnp.mean(jax.nn.log_softmax(logits(h))[jnp.arange(16), y]))(h)
-  else:
-    logits = lambda s: apply_module(model.upper, upper, s, train=False)[0]
-    leak = jax.grad(lambda s: -jnp.mean(jax.nn.log_softmax(logits(s))[jnp.arange(16), y]))(s)
-  np.testing.assert_allclose(record["label_auc_clients"][1],
-                             lp.label_leak_auc(leak, y, 10), atol=1e-6)

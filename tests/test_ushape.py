@@ -187,7 +187,7 @@ def engine_params(state):
 U_ALGOS = {
     "psl": {}, "sfl_v1": dict(fedavg_every=2), "sfl_v2": {}, "sl": dict(sl_turn_steps=2),
     "locfedmix": {}, "locfedmix_every_2": dict(base="locfedmix", fedavg_every=2),
-    "sglr": {}, "mix2sfl": {},
+    "mix2sfl": {},  # GradMix on the body's gradients (SGLR's SplitAvg), SmashMix, FedAvg
     # the returned gradient noised (the U-shaped label holder's defence)
     "psl_defended": dict(base="psl", grad_noise_std=0.05),
     "sfl_v1_defended": dict(base="sfl_v1", grad_noise_std=0.05, fedavg_every=2),
