@@ -23,14 +23,13 @@ accuracy) and `labels_<setting>_inputs.png` (label leakage against input leakage
 """
 from __future__ import annotations
 
-import json
 import os
 
+import attacked_runs
 import common
 import privacy
 from lfmjax import attack, label_attack
 from lfmjax.checkpoint import checkpoint_steps
-from lfmjax.train import train_and_evaluate
 
 ALGORITHMS = privacy.ALGORITHMS
 U_SHAPED = ("psl", "sfl_v1", "sfl_v2", "sl", "locfedmix", "sglr", "mix2sfl")
@@ -96,20 +95,6 @@ def label_settings(args):
   return s
 
 
-def kept(workdir: str, name: str, settings, iterations: int, keys) -> dict | None:
-  """The report `name` in workdir if it was made with these settings at the run's last
-  checkpoint (or last iteration, where the checkpoints are gone)."""
-  path = os.path.join(workdir, name)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    report = json.load(f)
-  steps = checkpoint_steps(workdir)
-  same = all(report.get("settings", {}).get(k) == settings[k] for k in keys)
-  return report if same and report.get("iteration") == (steps[-1] if steps else
-                                                         iterations) else None
-
-
 LABEL_KEYS = ("label_samples", "known_per_class", "num_test", "seed", "clients")
 
 
@@ -117,39 +102,29 @@ def attacked_run(config, workdir: str, label_s, inversion_s, log) -> tuple[dict,
                                                                            dict]:
   """(the label report, the inversion report or None, how the attacked run was had),
   each made now unless kept, so the script resumes where it stopped."""
-  how = {"retrained": False, "bit_equal": "", "retrain_max_diff": ""}
+  how = {"committed_accuracy": "", "retrained": False, "bit_equal": "",
+         "retrain_max_diff": ""}
   wants_inversion = config.client_head
-  labels = kept(workdir, "label_attack.json", label_s, config.num_iterations, LABEL_KEYS)
-  inversion = (kept(workdir, "attack.json", inversion_s, config.num_iterations,
-                    tuple(inversion_s.keys())) if wants_inversion else None)
+
+  def reports(workdir):
+    labels = attacked_runs.kept_report(workdir, "label_attack.json", label_s,
+                                       config.num_iterations, LABEL_KEYS)
+    inversion = (attacked_runs.kept_report(workdir, "attack.json", inversion_s,
+                                           config.num_iterations)
+                 if wants_inversion else None)
+    return labels, inversion
+
+  labels, inversion = reports(workdir)
   if (labels is None or (wants_inversion and inversion is None)) and not checkpoint_steps(
       workdir):
-    workdir, how = retrain(config, workdir, log)
-    labels = kept(workdir, "label_attack.json", label_s, config.num_iterations, LABEL_KEYS)
-    inversion = (kept(workdir, "attack.json", inversion_s, config.num_iterations,
-                      tuple(inversion_s.keys())) if wants_inversion else None)
+    # issue 17's `retrained` subdirectory kept that experiment's attack; this one its own
+    workdir, how = attacked_runs.retrained(config, workdir, log, subdir="retrained_labels")
+    labels, inversion = reports(workdir)
   if labels is None:
     labels = label_attack.run_label_attack(workdir, label_s, log=log)
   if wants_inversion and inversion is None:
     inversion = attack.run_attack(workdir, inversion_s, log=log)
   return labels, inversion, how
-
-
-def retrain(config, workdir: str, log) -> tuple[str, dict]:
-  """The finished run trained again, with checkpoints, in `<workdir>/retrained_labels`
-  (issue 17's `retrained` kept its attack), compared with the committed one."""
-  again = os.path.join(workdir, "retrained_labels")
-  committed = common.finished_summary(config, workdir)
-  if committed is None:
-    raise SystemExit(f"error: {workdir} has neither a checkpoint nor a finished run; "
-                     f"run the experiment again to train it")
-  log(f"{workdir} kept no checkpoint: training it again in {again}")
-  summary = train_and_evaluate(config, again, quiet=True) if not checkpoint_steps(again) \
-      else common.finished_summary(config, again)
-  seeds = lambda s: s.get("final_test_accuracy_seeds") or [s["final_test_accuracy"]]
-  diffs = [abs(a - b) for a, b in zip(seeds(summary), seeds(committed))]
-  return again, {"retrained": True, "bit_equal": seeds(summary) == seeds(committed),
-                 "retrain_max_diff": round(100 * max(diffs), 4)}
 
 
 def inputs_of_issue17(base: str, setting: str) -> dict[str, dict]:
@@ -192,13 +167,7 @@ def row_of(row: dict, labels: dict, inversion: dict | None, issue17: dict, how: 
 
 
 def main(argv=None):
-  p = common.common_flags(__doc__.splitlines()[0])
-  p.add_argument("--clients", type=int, default=None)
-  p.add_argument("--variants", default=None, help="comma-separated run names to keep")
-  p.add_argument("--attack_steps", type=int, default=500, help="the inverse network's steps")
-  p.add_argument("--attack_hidden", type=int, default=32, help="its channels")
-  p.add_argument("--replot", action="store_true", help="redraw the plots from the CSV")
-  args = p.parse_args(argv)
+  args = attacked_runs.attack_flags(__doc__.splitlines()[0]).parse_args(argv)
   name = f"labels_{args.setting}" + ("_quick" if args.quick else "")
   base = args.out or common.RESULTS
   if args.replot:

@@ -23,13 +23,12 @@ and the frontier plots `privacy_<setting>_psnr.png` and `..._dcor.png`.
 """
 from __future__ import annotations
 
-import json
 import os
 
+import attacked_runs
 import common
 from lfmjax import attack
 from lfmjax.checkpoint import checkpoint_steps
-from lfmjax.train import train_and_evaluate
 
 ALGORITHMS = ("sl", "psl", "sfl_v1", "sfl_v2", "locsplitfed", "locfedmix", "sglr", "mix2sfl")
 MU = (0.0, 0.5, 2.0)                 # and 1.0, the locfedmix run
@@ -79,54 +78,17 @@ def attack_settings(args):
   return settings
 
 
-def kept_report(workdir: str, settings, iterations: int) -> dict | None:
-  """attack.json, if it holds a report with these settings at the run's last checkpoint
-  (or, where the checkpoints are gone, at its last iteration)."""
-  path = os.path.join(workdir, "attack.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    report = json.load(f)
-  steps = checkpoint_steps(workdir)
-  if (report.get("settings") == settings.to_dict()
-      and report.get("iteration") == (steps[-1] if steps else iterations)):
-    return report
-  return None
-
-
-def retrained(config, workdir: str, log) -> tuple[str, dict]:
-  """A finished run whose checkpoints are gone (they are not committed) trained again in
-  `<workdir>/retrained`, and how its final accuracies compare with the committed ones:
-  a check, across machines and code versions, that a run is reproduced bit for bit."""
-  again = os.path.join(workdir, "retrained")
-  committed = common.finished_summary(config, workdir)
-  if committed is None:
-    raise SystemExit(f"error: {workdir} has neither a checkpoint nor a finished run; "
-                     f"run the experiment again to train it")
-  log(f"{workdir} kept no checkpoint: training it again in {again}")
-  summary = (common.finished_summary(config, again)
-             or train_and_evaluate(config, again, quiet=True))
-
-  def seeds(s):
-    return s.get("final_test_accuracy_seeds") or [s["final_test_accuracy"]]
-
-  diffs = [abs(a - b) for a, b in zip(seeds(summary), seeds(committed))]
-  # The row's accuracy is the attacked model's; the committed run's stays beside it.
-  return again, {**common.accuracy_columns(summary),
-                 "committed_accuracy": round(100 * committed["final_test_accuracy"], 2),
-                 "retrained": True, "bit_equal": seeds(summary) == seeds(committed),
-                 "retrain_max_diff": round(100 * max(diffs), 4)}
-
-
 def attacked(config, workdir: str, settings, log=print) -> tuple[dict, dict]:
   """The run's attack report (made now unless kept, so the script resumes where it
   stopped) and how the attacked run was had: its own, or trained again."""
   how = {"committed_accuracy": "", "retrained": False, "bit_equal": "",
          "retrain_max_diff": ""}
-  report = kept_report(workdir, settings, config.num_iterations)
+  report = attacked_runs.kept_report(workdir, "attack.json", settings,
+                                     config.num_iterations)
   if report is None and not checkpoint_steps(workdir):
-    workdir, how = retrained(config, workdir, log)
-    report = kept_report(workdir, settings, config.num_iterations)
+    workdir, how = attacked_runs.retrained(config, workdir, log)
+    report = attacked_runs.kept_report(workdir, "attack.json", settings,
+                                       config.num_iterations)
   if report is None:
     report = attack.run_attack(workdir, settings, log=log)
   return report, how
@@ -136,15 +98,7 @@ SCORES = ("psnr", "ssim", "mse", "cross_entropy", "dcor")
 
 
 def main(argv=None):
-  p = common.common_flags(__doc__.splitlines()[0])
-  p.add_argument("--clients", type=int, default=None)
-  p.add_argument("--variants", default=None,
-                 help="comma-separated run names to keep, e.g. psl,locfedmix_mu0")
-  p.add_argument("--attack_steps", type=int, default=500, help="the inverse network's steps")
-  p.add_argument("--attack_hidden", type=int, default=32, help="its channels")
-  p.add_argument("--replot", action="store_true",
-                 help="redraw the plots from the finished CSV; trains and attacks nothing")
-  args = p.parse_args(argv)
+  args = attacked_runs.attack_flags(__doc__.splitlines()[0]).parse_args(argv)
   name = f"privacy_{args.setting}" + ("_quick" if args.quick else "")
   base = args.out or common.RESULTS
   if args.replot:
