@@ -186,9 +186,10 @@ def engine_params(state):
 
 U_ALGOS = {
     "psl": {}, "sfl_v1": dict(fedavg_every=2), "sfl_v2": {}, "sl": dict(sl_turn_steps=2),
-    "locfedmix": {}, "locfedmix_every_2": dict(base="locfedmix", fedavg_every=2),
+    "locfedmix": {},  # T_c = 2 with a client head: sfl_v1 above
     "mix2sfl": {},  # GradMix on the body's gradients (SGLR's SplitAvg), SmashMix, FedAvg
-    # the returned gradient noised (the U-shaped label holder's defence)
+    # the returned gradient noised (the U-shaped label holder's defence), once per
+    # server mode: single, per-client copies, sequential, relay
     "psl_defended": dict(base="psl", grad_noise_std=0.05),
     "sfl_v1_defended": dict(base="sfl_v1", grad_noise_std=0.05, fedavg_every=2),
     "sfl_v2_defended": dict(base="sfl_v2", grad_noise_std=0.05),
@@ -255,8 +256,8 @@ def test_head_moved_back_to_the_server_equals_todays_round(name):
       np.testing.assert_allclose(u_metrics[key], metrics[key], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["bench_cnn", "resnet16", "vgg", "tiny_cnn", "mlp", "vit",
-                                  "lm"])
+# One model per Upper class (mlp's is tiny_cnn's).
+@pytest.mark.parametrize("name", ["bench_cnn", "resnet16", "vgg", "tiny_cnn", "vit", "lm"])
 def test_head_on_the_body_is_the_upper(name):
   """Every model's U-shaped split: the head applied to the body's features, with the
   head's parameters put back into the body's, is the model's upper."""
