@@ -29,26 +29,3 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 sys.path.insert(0, os.path.dirname(__file__))
-
-# The longest tests (seconds on 2 cores, `--durations`, 2026-12-07) run first: the two
-# xdist workers then end on short tests and finish together, where a long test drawn
-# last kept one worker busy while the other idled. None of them shares a module-scoped
-# fixture with its neighbours, so moving it sets nothing up twice.
-SLOW_FIRST = (
-    "test_experiments.py::test_transformers_lora_quick_mode_pretrains_fine_tunes_and_plots",  # 103
-    "test_experiments.py::test_quick_modes_write_tables_and_plots",  # 74
-    "test_experiments.py::test_privacy_quick_mode_trains_attacks_and_plots_the_frontier",  # 69
-    "test_mesh.py::test_two_processes_equal_one",  # 67
-    "test_cli.py::test_short_real_run_learns_fashion_mnist",  # 62
-    "test_text.py::test_pretrained_backbone_fine_tuned_with_lora_resumes_bit_for_bit",  # 56
-    "test_experiments.py::test_sglr_setting_runs_sl_by_epochs_and_reports_best_validation",
-    "test_experiments.py::test_participation_quick_mode_writes_its_groups_and_plots",  # 26
-    "test_checkpoint.py::test_sigkill_in_the_middle_of_a_save_resumes_to_the_same_result",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-  def rank(item):
-    name = item.nodeid.split("/")[-1]
-    return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
-  items.sort(key=rank)  # stable: every other test keeps its place
