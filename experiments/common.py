@@ -164,6 +164,9 @@ class Run:
   config: object               # an ml_collections.ConfigDict
 
 
+QUICK_EVAL_SAMPLES = 1000  # --quick: a fixed subset of the test split is evaluated
+
+
 def common_flags(description: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--quick", action="store_true", help="small C set, few iterations")
@@ -177,6 +180,9 @@ def common_flags(description: str) -> argparse.ArgumentParser:
   p.add_argument("--eval_clients", type=int, default=None,
                  help="clients whose own lowers are evaluated without FedAvg (default 20)")
   p.add_argument("--devices", type=int, default=0, help="devices to spread clients over (0: all)")
+  p.add_argument("--eval_samples", type=int, default=None,
+                 help="test samples an evaluation scores, a fixed subset (default: all; "
+                      f"{QUICK_EVAL_SAMPLES} with --quick)")
   p.add_argument("--extend_from", type=int, default=None,
                  help="continue the finished runs of this many iterations to --iterations")
   return p
@@ -200,6 +206,9 @@ def make_config(args, algorithm: str, clients: int, iterations: int):
   config.checkpoint_every = config.eval_every
   if args.eval_clients:
     config.eval_clients = args.eval_clients
+  eval_samples = getattr(args, "eval_samples", None)
+  config.eval_samples = (eval_samples if eval_samples is not None
+                         else QUICK_EVAL_SAMPLES if args.quick else 0)
   return config
 
 
@@ -243,7 +252,7 @@ LATER_GROUPS = ("privacy", "devices")
 LATER_FIELDS = ("clients_per_round", "participant_sampling", "dropout_prob", "deadline_s",
                 "client_head", "privacy.grad_noise_std", "privacy.grad_max_norm",
                 "privacy.grad_keep_fraction", "privacy.grad_quantize_bits",
-                "privacy.label_rr_epsilon")
+                "privacy.label_rr_epsilon", "eval_samples")
 # Fields issue 35 added (the transformers), which the runs named before it lack: a run
 # is looked up under the digest without them too (`run_dir`), so those runs are found.
 ISSUE35_FIELDS = ("lora", "pretrained", "input.seq_len", "model_overrides.depth",

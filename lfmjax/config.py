@@ -167,6 +167,7 @@ def _run_fields(c: ml_collections.ConfigDict) -> None:
   c.eval_every = 100                 # iterations between test evaluations
   c.eval_clients = 20                # clients evaluated when lowers differ (0: all)
   c.eval_chunk = 1000                # test samples per evaluation batch
+  c.eval_samples = 0                 # samples of each split evaluated (0: all; N: a fixed subset)
 
 
 def _device_fields(c: ml_collections.ConfigDict) -> None:

@@ -32,6 +32,15 @@ def eval_client_ids(num_clients: int, eval_clients: int, seed: int) -> np.ndarra
   return np.sort(rng.choice(num_clients, eval_clients, replace=False)).astype(np.int32)
 
 
+def eval_subset(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """`n` samples of a split, drawn once with a fixed seed and kept in their order, so
+  every run and every evaluation scores the same ones (n = 0 or n >= the split: all)."""
+  if n <= 0 or n >= len(y):
+    return x, y
+  idx = np.sort(np.random.default_rng(0).choice(len(y), n, replace=False))
+  return x[idx], y[idx]
+
+
 def pad_to_chunks(x: np.ndarray, y: np.ndarray, chunk: int):
   """Pads the test split to whole chunks; returns (x_TxChunk..., y_TxChunk, mask)."""
   n = len(y)

@@ -172,10 +172,45 @@ def real_run(workdir, **fields):
 @needs_fmnist
 def test_short_real_run_learns_fashion_mnist(tmp_path):
   """LocFedMix-SL on real Fashion-MNIST, 5 clients, 150 iterations: well above chance."""
+  # 2,000 of the 10,000 test images (a fixed subset): the bound holds by a wide margin
+  # either way, and scoring them all took a third of the test's time.
   summary = real_run(tmp_path, model="bench_cnn", num_clients=5, batch_size=16,
-                     num_iterations=150)
+                     num_iterations=150, eval_samples=2000)
   assert summary["iterations"] == 150
   assert summary["final_test_accuracy"] > 0.70  # chance is 0.10
+
+
+def test_eval_samples_scores_a_fixed_subset_of_each_split(synthetic_fmnist, monkeypatch):
+  """`eval_samples=N` scores the same N samples (drawn once, in their order) at every
+  evaluation: the run's records equal a run whose dataset holds only those."""
+  import dataclasses
+  from lfmjax.evaluate import eval_subset
+  from lfmjax.run import loop
+  from lfmjax.train import train
+  x, y = np.arange(200 * 3).reshape(200, 3), np.arange(200)
+  sub_x, sub_y = eval_subset(x, y, 50)
+  assert len(set(sub_y.tolist())) == 50 and np.all(np.diff(sub_y) > 0)
+  np.testing.assert_array_equal(sub_x, x[sub_y])
+  np.testing.assert_array_equal(eval_subset(x, y, 50)[1], sub_y)
+  assert eval_subset(x, y, 0)[1] is y and eval_subset(x, y, 200)[1] is y
+  scores = lambda run: [(r["test_accuracy"], r["test_loss"], r["val_accuracy"])
+                        for r in run.history]
+  config = lambda n: tiny_config(synthetic_fmnist, eval_samples=n, validation_size=100,
+                                 num_iterations=2, eval_every=2)
+  subset = train(config(50), quiet=True)
+  load, split = loop.load_config_dataset, loop.split_validation
+
+  def test_subset(config):
+    ds = load(config)
+    return dataclasses.replace(ds, **dict(zip(("test_x", "test_y"),
+                                              eval_subset(ds.test_x, ds.test_y, 50))))
+
+  def validation_subset(config, ds):
+    train_ds, val = split(config, ds)
+    return train_ds, eval_subset(*val, 50)
+  monkeypatch.setattr(loop, "load_config_dataset", test_subset)
+  monkeypatch.setattr(loop, "split_validation", validation_subset)
+  assert scores(train(config(0), quiet=True)) == scores(subset)
 
 
 @needs_fmnist

@@ -153,6 +153,7 @@ FUZZ_FIELDS = {
     "steps_per_dispatch": st.integers(-1, 3),
     "eval_chunk": st.one_of(st.integers(-1, 300), st.just(10**7)),
     "eval_clients": st.integers(-1, 4),
+    "eval_samples": st.integers(-1, 300),
     "client_schedule": st.sampled_from(["constant", "cosine", "warmup_cosine", "step", "exp"]),
     "weight_decay": st.floats(-0.1, 0.1),
     "grad_clip_norm": st.one_of(st.none(), st.floats(-1.0, 2.0)),

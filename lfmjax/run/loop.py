@@ -23,7 +23,7 @@ from lfmjax import accounting, algorithms, config_round, devices, finetune
 from lfmjax.checkpoint import (CheckpointError, Checkpoints, check_workdir, checkpoint_steps,
                                partition_fingerprint)
 from lfmjax.data import client_table, holdout, load_dataset, make_partition
-from lfmjax.evaluate import (eval_client_ids, make_evaluate, make_label_probe,
+from lfmjax.evaluate import (eval_client_ids, eval_subset, make_evaluate, make_label_probe,
                              make_leakage_probe, pad_to_chunks, probe_size)
 from lfmjax.mesh import (Placement, jit_sharded, make_mesh, make_placement, pad_data,
                          pad_state, padded_num_clients, padded_round, put_global,
@@ -301,8 +301,14 @@ def prepare(config, log: Callable, dataset=None) -> Prepared:
     log(accounting.describe_participation(
         cfg, latency, dev.distribution + (f" (spread {dev.spread:g})"
                                           if dev.distribution == "lognormal" else "")))
-  chunks = lambda x, y: put_global(pad_to_chunks(x, y, min(config.eval_chunk, len(y))),
-                                   (run.placement.replicated,) * 3)
+  if 0 < config.eval_samples < len(dataset.test_y):
+    log(f"evaluating a fixed subset of {config.eval_samples} of each split's samples "
+        f"(eval_samples)")
+
+  def chunks(x, y):
+    x, y = eval_subset(x, y, config.eval_samples)
+    return put_global(pad_to_chunks(x, y, min(config.eval_chunk, len(y))),
+                      (run.placement.replicated,) * 3)
   test = chunks(dataset.test_x, dataset.test_y)
   client_ids_host = eval_client_ids(config.num_clients, config.eval_clients, config.seed)
   if not cfg.fedavg and len(client_ids_host) < config.num_clients:

@@ -168,6 +168,7 @@ def check_sizes(need, config) -> None:
   need(1 <= config.eval_every <= MAX_STEPS, "eval_every", f"must be in [1, {MAX_STEPS}]")
   need(config.eval_clients >= 0, "eval_clients", "must be >= 0 (0: all clients)")
   need(1 <= config.eval_chunk <= MAX_CHUNK, "eval_chunk", f"must be in [1, {MAX_CHUNK}]")
+  need(config.eval_samples >= 0, "eval_samples", "must be >= 0 (0: every sample)")
   need(0 <= config.checkpoint_every <= MAX_STEPS, "checkpoint_every",
        "must be >= 0 (0: no checkpoints)")
   need(1 <= config.keep_checkpoints <= 1000, "keep_checkpoints", "must be in [1, 1000]")
