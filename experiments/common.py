@@ -164,7 +164,7 @@ class Run:
   config: object               # an ml_collections.ConfigDict
 
 
-QUICK_EVAL_SAMPLES = 1000  # --quick: a fixed subset of the test split is evaluated
+QUICK_EVAL_SAMPLES = 1000  # --quick: a fixed subset of each evaluated split is scored
 
 
 def common_flags(description: str) -> argparse.ArgumentParser:
@@ -181,7 +181,7 @@ def common_flags(description: str) -> argparse.ArgumentParser:
                  help="clients whose own lowers are evaluated without FedAvg (default 20)")
   p.add_argument("--devices", type=int, default=0, help="devices to spread clients over (0: all)")
   p.add_argument("--eval_samples", type=int, default=None,
-                 help="test samples an evaluation scores, a fixed subset (default: all; "
+                 help="samples of each evaluated split scored, a fixed subset (default: all; "
                       f"{QUICK_EVAL_SAMPLES} with --quick)")
   p.add_argument("--extend_from", type=int, default=None,
                  help="continue the finished runs of this many iterations to --iterations")
@@ -206,8 +206,7 @@ def make_config(args, algorithm: str, clients: int, iterations: int):
   config.checkpoint_every = config.eval_every
   if args.eval_clients:
     config.eval_clients = args.eval_clients
-  eval_samples = getattr(args, "eval_samples", None)
-  config.eval_samples = (eval_samples if eval_samples is not None
+  config.eval_samples = (args.eval_samples if args.eval_samples is not None
                          else QUICK_EVAL_SAMPLES if args.quick else 0)
   return config
 
